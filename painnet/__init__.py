@@ -1,0 +1,8 @@
+"""painnet: personalized deep decoders of spontaneous pain from fMRI."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("painnet")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+local"

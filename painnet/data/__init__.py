@@ -1,0 +1,1 @@
+"""Data layer: discovery, extraction, cleaning, caching, targets, windows, splits."""

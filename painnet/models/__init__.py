@@ -1,0 +1,1 @@
+"""Models: the deep conv-attention decoder and classical baselines."""

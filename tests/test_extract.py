@@ -1,0 +1,310 @@
+"""Parcel time-series extraction: equality with nilearn, CIFTI/TSV inputs, errors, memory."""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nibabel import cifti2
+from nilearn.maskers import NiftiLabelsMasker
+
+from painnet.data import extract
+from painnet.data.atlas import Atlas, load_atlas
+from painnet.data.extract import extract_parcel_series
+
+SHAPE = (12, 14, 10)
+N_FRAMES = 40
+N_LABELS = 20
+
+
+def _affine(zoom: float = 1.0) -> np.ndarray:
+    """A rotated, anisotropic, shifted voxel-to-world map; ``zoom`` scales the voxel size."""
+    angle = 0.2
+    rot = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([2.5, 3.0, 2.2]) * zoom
+    aff[:3, 3] = [-14.0, -20.0, -9.0]
+    return aff
+
+
+def _write_labels(path, shape=SHAPE, affine=None, seed=1):
+    labels = np.random.default_rng(seed).integers(0, N_LABELS + 1, size=shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(labels, _affine() if affine is None else affine), path)
+    return path
+
+
+def _write_bold(path, shape=SHAPE + (N_FRAMES,), dtype=np.float32, header=None, seed=0):
+    data = np.random.default_rng(seed).normal(100.0, 20.0, size=shape).astype(np.float32)
+    img = nib.Nifti1Image(data, _affine(), header=header)
+    img.set_data_dtype(dtype)  # int16: nibabel picks a non-trivial scl_slope/scl_inter
+    nib.save(img, path)
+    return path
+
+
+def _nilearn_means(bold, labels):
+    masker = NiftiLabelsMasker(labels_img=str(labels), strategy="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return masker.fit_transform(str(bold))
+
+
+@pytest.fixture
+def labels_path(tmp_path):
+    return _write_labels(tmp_path / "atlas_dseg.nii.gz")
+
+
+@pytest.fixture
+def atlas(labels_path):
+    return load_atlas({"kind": "dseg", "path": labels_path})
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("chunk_frames", [7, 8, 64])
+def test_nifti_means_equal_nilearn(tmp_path, labels_path, atlas, suffix, chunk_frames):
+    bold = _write_bold(tmp_path / f"bold{suffix}")
+    series, names = extract_parcel_series(bold, atlas, chunk_frames=chunk_frames)
+    assert series.dtype == np.float32
+    assert series.shape == (N_FRAMES, N_LABELS)
+    assert names == atlas.names
+    np.testing.assert_allclose(series, _nilearn_means(bold, labels_path), rtol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_scaled_int16_and_big_endian_equal_nilearn(tmp_path, labels_path, atlas, suffix):
+    scaled = _write_bold(tmp_path / f"scaled{suffix}", dtype=np.int16)
+    proxy = nib.load(scaled).dataobj
+    assert proxy.slope != 1.0 and proxy.inter != 0.0
+    big = nib.Nifti1Header().as_byteswapped(">")
+    swapped = _write_bold(tmp_path / f"big{suffix}", header=big)
+    assert nib.load(swapped).get_data_dtype().byteorder == ">"
+    for bold in (scaled, swapped):
+        series, _ = extract_parcel_series(bold, atlas, chunk_frames=9)
+        np.testing.assert_allclose(series, _nilearn_means(bold, labels_path), rtol=1e-5)
+
+
+def test_one_frame_reads_when_chunk_exceeds_byte_budget(tmp_path, labels_path, atlas, monkeypatch):
+    bold = _write_bold(tmp_path / "bold.nii.gz")
+    monkeypatch.setattr(extract, "READ_BUDGET_BYTES", 1)  # forces one frame per read
+    series, _ = extract_parcel_series(bold, atlas, chunk_frames=64)
+    np.testing.assert_allclose(series, _nilearn_means(bold, labels_path), rtol=1e-5)
+
+
+@pytest.mark.parametrize("zoom", [0.6, 1.7])
+def test_atlas_on_other_grid_equals_nilearn_resampling(tmp_path, zoom):
+    grid = tuple(int(round(s / zoom)) for s in SHAPE)
+    labels = _write_labels(tmp_path / "other_dseg.nii.gz", shape=grid, affine=_affine(zoom))
+    other = load_atlas({"kind": "dseg", "path": labels})
+    bold = _write_bold(tmp_path / "bold.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coarse grids may drop a parcel; nilearn drops it too
+        series, names = extract_parcel_series(bold, other, chunk_frames=16)
+    expected = _nilearn_means(bold, labels)
+    assert series.shape == expected.shape
+    assert len(names) == series.shape[1]
+    np.testing.assert_allclose(series, expected, rtol=1e-5)
+
+
+def test_non_finite_voxels_count_as_zero_like_nilearn(tmp_path, labels_path, atlas):
+    data = np.random.default_rng(3).normal(size=SHAPE + (6,)).astype(np.float32)
+    data[2, 3, 4, :] = np.nan
+    data[5, 5, 5, 2] = np.inf
+    bold = tmp_path / "nan_bold.nii.gz"
+    nib.save(nib.Nifti1Image(data, _affine()), bold)
+    with pytest.warns(UserWarning, match="non-finite"):
+        series, _ = extract_parcel_series(bold, atlas)
+    assert np.isfinite(series).all()
+    np.testing.assert_allclose(series, _nilearn_means(bold, labels_path), rtol=1e-5, atol=1e-6)
+
+
+def test_multi_member_gzip_is_read_whole(tmp_path, labels_path, atlas):
+    plain = _write_bold(tmp_path / "bold.nii")
+    raw = plain.read_bytes()
+    cut = len(raw) // 3
+    multi = tmp_path / "multi.nii.gz"
+    multi.write_bytes(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:]) + b"\x00" * 8)
+    series, _ = extract_parcel_series(multi, atlas, chunk_frames=5)
+    reference, _ = extract_parcel_series(plain, atlas)
+    np.testing.assert_array_equal(series, reference)
+
+
+# --------------------------------------------------------------------------- CIFTI and TSV
+
+
+def _brain_models() -> cifti2.BrainModelAxis:
+    mask = np.zeros((5, 5, 4), dtype=bool)
+    mask[1:4, 1:4, 1:3] = True
+    surface = cifti2.BrainModelAxis.from_surface(
+        np.arange(0, 120, 2), nvertex=130, name="CortexLeft"
+    )
+    volume = cifti2.BrainModelAxis.from_mask(mask, affine=np.eye(4), name="thalamus_left")
+    return surface + volume
+
+
+def test_cifti_dtseries_gives_label_means(tmp_path, monkeypatch):
+    models = _brain_models()
+    n_gray, n_frames = len(models), 25
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(n_frames, n_gray)).astype(np.float32)
+    header = cifti2.Cifti2Header.from_axes((cifti2.SeriesAxis(0, 0.8, n_frames), models))
+    bold = tmp_path / "sub-01_space-fsLR_den-91k_bold.dtseries.nii"
+    nib.save(cifti2.Cifti2Image(data, header), bold)
+    labels = rng.integers(0, 6, size=n_gray)
+    atlas = Atlas(
+        name="toy",
+        kind="grayordinates",
+        labels=labels.astype(np.int32),
+        affine=None,
+        label_ids=np.arange(1, 6),
+        names=[f"r{i}" for i in range(1, 6)],
+        space=None,
+    )
+    expected = np.stack(
+        [data[:, labels == i].mean(axis=1, dtype=np.float64) for i in range(1, 6)], axis=1
+    )
+    monkeypatch.setattr(extract, "READ_BUDGET_BYTES", 2000)  # several grayordinate blocks
+    series, names = extract_parcel_series(bold, atlas)
+    assert names == ["r1", "r2", "r3", "r4", "r5"]
+    assert series.dtype == np.float32
+    np.testing.assert_allclose(series, expected, rtol=1e-5)
+
+
+def test_cifti_rejects_volume_atlas_and_wrong_length(tmp_path, atlas):
+    models = _brain_models()
+    header = cifti2.Cifti2Header.from_axes((cifti2.SeriesAxis(0, 1.0, 3), models))
+    bold = tmp_path / "bold.dtseries.nii"
+    nib.save(cifti2.Cifti2Image(np.zeros((3, len(models)), np.float32), header), bold)
+    with pytest.raises(ValueError, match="grayordinate atlas"):
+        extract_parcel_series(bold, atlas)
+    short = Atlas("short", "grayordinates", np.ones(10, np.int32), None, np.array([1]), ["a"], None)
+    with pytest.raises(ValueError, match=r"bold\.dtseries\.nii.*10 grayordinates"):
+        extract_parcel_series(bold, short)
+
+
+def _write_tsv(tmp_path):
+    table = pd.DataFrame({"V1": [1.0, 2.0, 3.0], "M1": [4.0, 5.0, 6.0], "ACC": [7.0, 8.0, 9.0]})
+    path = tmp_path / "sub-01_task-rest_seg-X_stat-mean_timeseries.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def _named_atlas(names):
+    ids = np.arange(1, len(names) + 1)
+    return Atlas("named", "grayordinates", ids.astype(np.int32), None, ids, list(names), None)
+
+
+def test_xcpd_tsv_returns_its_columns(tmp_path):
+    series, names = extract_parcel_series(_write_tsv(tmp_path), None)
+    assert names == ["V1", "M1", "ACC"]
+    assert series.dtype == np.float32
+    np.testing.assert_array_equal(series[:, 1], [4.0, 5.0, 6.0])
+
+
+def test_xcpd_tsv_is_reordered_to_atlas_names(tmp_path):
+    series, names = extract_parcel_series(_write_tsv(tmp_path), _named_atlas(["ACC", "V1"]))
+    assert names == ["ACC", "V1"]
+    np.testing.assert_array_equal(series, [[7.0, 1.0], [8.0, 2.0], [9.0, 3.0]])
+
+
+def test_xcpd_tsv_with_foreign_atlas_names(tmp_path):
+    path = _write_tsv(tmp_path)
+    with pytest.warns(UserWarning, match="column names differ"):
+        _, names = extract_parcel_series(path, _named_atlas(["a", "b", "c"]))
+    assert names == ["V1", "M1", "ACC"]
+    with pytest.raises(ValueError, match="timeseries.tsv.*3 columns"):
+        extract_parcel_series(path, _named_atlas(["a", "b"]))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_file_is_named(tmp_path, atlas):
+    with pytest.raises(FileNotFoundError, match="nope_bold.nii.gz"):
+        extract_parcel_series(tmp_path / "nope_bold.nii.gz", atlas)
+
+
+def test_three_d_image_is_rejected(tmp_path, atlas):
+    path = tmp_path / "three_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), _affine()), path)
+    with pytest.raises(ValueError, match=r"three_d\.nii\.gz.*4-D"):
+        extract_parcel_series(path, atlas)
+
+
+def test_zero_frames_is_rejected(tmp_path, atlas):
+    path = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE + (0,), np.float32), _affine()), path)
+    with pytest.raises(ValueError, match=r"empty\.nii\.gz.*zero frames"):
+        extract_parcel_series(path, atlas)
+
+
+def test_truncated_gzip_is_rejected(tmp_path, atlas):
+    whole = _write_bold(tmp_path / "whole.nii.gz").read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut\.nii\.gz.*truncated"):
+        extract_parcel_series(cut, atlas)
+
+
+def test_short_uncompressed_file_is_rejected(tmp_path, atlas):
+    whole = _write_bold(tmp_path / "whole.nii").read_bytes()
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(whole[: len(whole) - 100])
+    with pytest.raises(ValueError, match=r"cut\.nii: file ends early.*frame 39"):
+        extract_parcel_series(cut, atlas)
+
+
+def test_grayordinate_atlas_with_volume_is_rejected(tmp_path):
+    bold = _write_bold(tmp_path / "bold.nii.gz")
+    with pytest.raises(ValueError, match=r"bold\.nii\.gz.*volume atlas"):
+        extract_parcel_series(bold, _named_atlas(["a", "b"]))
+
+
+def test_nifti_needs_an_atlas_and_known_suffix(tmp_path):
+    bold = _write_bold(tmp_path / "bold.nii")
+    with pytest.raises(ValueError, match=r"bold\.nii.*atlas is needed"):
+        extract_parcel_series(bold, None)
+    other = tmp_path / "bold.mgz"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"bold\.mgz.*unsupported"):
+        extract_parcel_series(other, None)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_peak_memory_is_a_small_fraction_of_the_run(tmp_path):
+    shape = (64, 64, 40, 120)  # 78.6 MB of float32 once decompressed
+    rng = np.random.default_rng(5)
+    data = np.zeros(shape, dtype=np.float32)
+    data[8:56, 8:56, 5:35] = rng.normal(size=(48, 48, 30, shape[3])).astype(np.float32)
+    bold = tmp_path / "big_bold.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), bold)
+    decompressed = data.nbytes
+    labels = np.zeros(shape[:3], dtype=np.int16)
+    labels[8:56, 8:56, 5:35] = rng.integers(1, 101, size=(48, 48, 30))
+    atlas = Atlas(
+        name="big",
+        kind="volume",
+        labels=labels.astype(np.int32),
+        affine=np.eye(4),
+        label_ids=np.arange(1, 101),
+        names=[f"p{i}" for i in range(1, 101)],
+        space=None,
+    )
+    expected = data[8:56, 8:56, 5:35][labels[8:56, 8:56, 5:35] == 7].mean(axis=0, dtype=np.float64)
+    del data
+
+    tracemalloc.start()
+    try:
+        series, _ = extract_parcel_series(bold, atlas)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.25 * decompressed, f"peak {peak / 1e6:.1f} MB"
+    np.testing.assert_allclose(series[:, 6], expected, rtol=1e-5)
