@@ -1,0 +1,339 @@
+"""Stage 1: parcel extraction of one paper-sized run, painnet vs. nilearn vs. the I/O floor.
+
+The run is written once to a temporary folder as ``.nii.gz`` and ``.nii`` (identical voxels):
+grid 80 × 80 × 56 (the study's), 1,300 float32 frames, zeros outside an ellipsoidal "brain";
+inside, ``1000 + 20 N(0, 1)`` per voxel and frame (full-entropy float32 mantissas, so the gzip
+ratio is set by the empty background, like real BOLD). The label image splits the brain into
+~400 blobs (Voronoi cells of random seed voxels). The gzip stream is written at level 1
+(nibabel's default ``compresslevel``); inflating speed hardly depends on the level.
+
+Three contenders per file, each in its own fresh child process (so peak memory is its own):
+
+- ``floor``: read the file once (inflating a ``.nii.gz`` with zlib) into one reused 2 MiB
+  buffer, and nothing more — no parsing, no reduction;
+- ``nilearn``: ``NiftiLabelsMasker(labels_img, strategy="mean").fit_transform(bold)``;
+- ``painnet``: ``extract_parcel_series(bold, load_atlas(dseg spec))``.
+
+A child first runs its contender on a tiny file (so lazy imports are done), resets the
+process's memory high-water mark, runs once on the real file (that run also warms the page
+cache; its added peak resident memory is the reported memory), then times ``repeats`` more
+runs: ``best_s`` is the best of those, ``median_s`` their median.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import PeakMemory, measurement, run_child, target, time_calls
+
+CONTENDERS = ("floor", "nilearn", "painnet")
+FORMATS = (".nii.gz", ".nii")
+_READ_BLOCK = 2 << 20  # reused buffer of the floor reader
+_GZ_IN = 256 << 10
+_WRITE_FRAMES = 32  # frames generated and written at once
+
+
+@dataclass(frozen=True)
+class ExtractSizes:
+    shape: tuple[int, int, int] = (80, 80, 56)
+    n_frames: int = 1300
+    n_parcels: int = 400
+    voxel_mm: float = 2.7
+    compresslevel: int = 1
+    repeats: int = 5  # timed runs of floor and painnet (after the warm run)
+    nilearn_repeats: int = 2  # timed runs of nilearn (tens of seconds and GB each)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- synthetic files
+
+
+def brain_labels(shape: tuple[int, int, int], n_parcels: int, seed: int) -> np.ndarray:
+    """Label image (X, Y, Z) int16: ``n_parcels`` Voronoi blobs filling an ellipsoid brain.
+
+    The ellipsoid's semi-axes are 38 %, 45 % and 40 % of the grid (about 30 % of the grid's
+    voxels are brain); label 0 outside.
+    """
+    from scipy.spatial import cKDTree
+
+    grid = np.indices(shape, dtype=np.float64)
+    centre = (np.array(shape, dtype=np.float64) - 1) / 2
+    semi = np.array([0.38, 0.45, 0.40]) * np.array(shape)
+    radius2 = sum(((grid[i] - centre[i]) / semi[i]) ** 2 for i in range(3))
+    brain = np.argwhere(radius2 <= 1.0)
+    if brain.shape[0] < n_parcels:
+        raise ValueError(f"grid {shape} has {brain.shape[0]} brain voxels < {n_parcels} parcels")
+    rng = np.random.default_rng(seed)
+    seeds = brain[rng.choice(brain.shape[0], size=n_parcels, replace=False)]
+    _, nearest = cKDTree(seeds).query(brain)
+    labels = np.zeros(shape, dtype=np.int16)
+    labels[tuple(brain.T)] = nearest + 1
+    return labels
+
+
+def _affine(voxel_mm: float, shape: tuple[int, int, int]) -> np.ndarray:
+    affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    affine[:3, 3] = -voxel_mm * (np.array(shape) - 1) / 2
+    return affine
+
+
+def _nifti_header_bytes(shape4d: tuple[int, ...], affine: np.ndarray, tr: float) -> bytes:
+    """352 bytes: a NIfTI-1 header for float32 data at ``vox_offset`` 352, no extension."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape4d)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_zooms((*np.abs(np.diag(affine)[:3]), tr))
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=4)
+    hdr["vox_offset"] = 352
+    return hdr.binaryblock + b"\x00" * 4
+
+
+def write_run(folder: Path, stem: str, sizes: ExtractSizes) -> dict[str, Path]:
+    """Write ``<stem>_bold.nii.gz``, ``<stem>_bold.nii`` and ``<stem>_dseg.nii.gz``.
+
+    Frames are generated ``_WRITE_FRAMES`` at a time and appended to both files, so writing
+    never holds the whole run in memory. Returns the three paths.
+    """
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = brain_labels(sizes.shape, sizes.n_parcels, sizes.seed)
+    affine = _affine(sizes.voxel_mm, sizes.shape)
+    paths = {
+        ".nii.gz": folder / f"{stem}_bold.nii.gz",
+        ".nii": folder / f"{stem}_bold.nii",
+        "dseg": folder / f"{stem}_dseg.nii.gz",
+    }
+    nib.save(nib.Nifti1Image(labels, affine), paths["dseg"])
+    header = _nifti_header_bytes((*sizes.shape, sizes.n_frames), affine, 0.46)
+    brain = np.flatnonzero(labels.ravel(order="F"))  # frames are stored Fortran-ordered
+    n_vox = int(np.prod(sizes.shape))
+    rng = np.random.default_rng(sizes.seed + 1)
+    deflate = zlib.compressobj(sizes.compresslevel, zlib.DEFLATED, 31)  # 31: gzip container
+    with open(paths[".nii"], "wb") as raw, open(paths[".nii.gz"], "wb") as gz:
+        raw.write(header)
+        gz.write(deflate.compress(header))
+        frames = np.zeros((_WRITE_FRAMES, n_vox), dtype=np.float32)
+        for t0 in range(0, sizes.n_frames, _WRITE_FRAMES):
+            n = min(_WRITE_FRAMES, sizes.n_frames - t0)
+            values = rng.standard_normal((n, brain.size), dtype=np.float32) * 20 + 1000
+            frames[:n, brain] = values
+            block = memoryview(frames[:n]).cast("B")
+            raw.write(block)
+            gz.write(deflate.compress(block))
+        gz.write(deflate.flush())
+    return paths
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def read_floor(path: str | Path) -> int:
+    """Read (inflating ``.gz``) the whole file into one reused buffer; returns bytes produced."""
+    buffer = bytearray(_READ_BLOCK)
+    view = memoryview(buffer)
+    total = 0
+    with open(path, "rb", buffering=0) as fh:
+        if not str(path).endswith(".gz"):
+            while n := fh.readinto(view):
+                total += n
+            return total
+        inflate = zlib.decompressobj(wbits=31)
+        data = b""
+        while True:
+            data = inflate.unconsumed_tail or fh.read(_GZ_IN)
+            if not data:
+                break
+            out = inflate.decompress(data, _READ_BLOCK)
+            view[: len(out)] = out
+            total += len(out)
+            if inflate.eof:
+                break
+    return total
+
+
+def run_nilearn(bold: str | Path, dseg: str | Path) -> np.ndarray:
+    from nilearn.maskers import NiftiLabelsMasker
+
+    masker = NiftiLabelsMasker(labels_img=str(dseg), strategy="mean")
+    return masker.fit_transform(str(bold))
+
+
+def run_painnet(bold: str | Path, dseg: str | Path) -> np.ndarray:
+    from painnet.data.atlas import load_atlas
+    from painnet.data.extract import extract_parcel_series
+
+    atlas = load_atlas({"kind": "dseg", "path": str(dseg), "labels_tsv": None})
+    return extract_parcel_series(bold, atlas)[0]
+
+
+def _contender(name: str, bold: str, dseg: str):
+    if name == "floor":
+        return lambda: read_floor(bold)
+    if name == "nilearn":
+        return lambda: run_nilearn(bold, dseg)
+    if name == "painnet":
+        return lambda: run_painnet(bold, dseg)
+    raise ValueError(f"unknown extraction contender {name!r}; expected one of {CONTENDERS}")
+
+
+def child_extract(params: dict[str, Any]) -> dict[str, Any]:
+    """Child process: warm up on the tiny file, then memory + timings on the real one."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    name = params["contender"]
+    _contender(name, params["warm_bold"], params["warm_dseg"])()  # lazy imports, not measured
+    run = _contender(name, params["bold"], params["dseg"])
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        out = run()
+        first_s = time.perf_counter() - t0
+    if isinstance(out, np.ndarray) and params.get("save"):
+        np.save(params["save"], out.astype(np.float32))
+    times = time_calls(run, int(params["repeats"]))
+    return {"first_s": first_s, "times": times, **mem.as_dict()}
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run_stage(sizes: ExtractSizes, workdir: Path, log=print) -> dict[str, Any]:
+    """Write the synthetic run, measure every contender on both formats, check the targets."""
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    paths = write_run(workdir, "bench", sizes)
+    write_s = time.perf_counter() - t0
+    tiny = ExtractSizes(shape=(10, 10, 8), n_frames=4, n_parcels=3, seed=sizes.seed)
+    warm = write_run(workdir, "warm", tiny)
+    log(
+        f"  wrote synthetic run in {write_s:.1f} s: {paths['.nii.gz'].stat().st_size / 1e6:.0f} MB"
+        f" (.nii.gz), {paths['.nii'].stat().st_size / 1e6:.0f} MB (.nii)"
+    )
+
+    results: dict[str, dict[str, dict]] = {}
+    measurements = []
+    for fmt in FORMATS:
+        results[fmt] = {}
+        for name in CONTENDERS:
+            save = workdir / f"series_{name}{fmt.replace('.', '_')}.npy"
+            res = run_child(
+                "extract",
+                {
+                    "contender": name,
+                    "bold": str(paths[fmt]),
+                    "dseg": str(paths["dseg"]),
+                    "warm_bold": str(warm[fmt]),
+                    "warm_dseg": str(warm["dseg"]),
+                    "repeats": sizes.nilearn_repeats if name == "nilearn" else sizes.repeats,
+                    "save": str(save) if name != "floor" else None,
+                },
+            )
+            results[fmt][name] = res
+            measurements.append(
+                measurement(
+                    f"{name} {fmt}",
+                    _WHAT[name],
+                    res["times"],
+                    peak_mem_mb=res["peak_mem_mb"],
+                    first_run_s=res["first_s"],
+                    peak_mem_method=res["peak_mem_method"],
+                    baseline_rss_mb=res["baseline_rss_mb"],
+                )
+            )
+            log(
+                f"  {name:8s} {fmt:7s} best {min(res['times']):.2f} s, "
+                f"peak +{res['peak_mem_mb']:.0f} MiB"
+            )
+
+    checks = {fmt: _agreement(workdir, fmt) for fmt in FORMATS}
+    targets = [t for fmt in FORMATS for t in _targets(results[fmt], fmt)]
+    n_vox = int(np.prod(sizes.shape))
+    return {
+        "what": "parcel means of one run from a 4-D NIfTI: I/O floor vs nilearn vs painnet",
+        "sizes": {
+            **{k: v for k, v in asdict(sizes).items() if "repeats" not in k},
+            "brain_voxels": int((brain_labels(sizes.shape, sizes.n_parcels, sizes.seed) > 0).sum()),
+            "voxels_per_frame": n_vox,
+            "bytes_uncompressed": n_vox * 4 * sizes.n_frames + 352,
+            "bytes_gz": paths[".nii.gz"].stat().st_size,
+        },
+        "method": (
+            "each contender in a fresh child process; 1 warm run (also the memory run), then "
+            f"best and median of {sizes.repeats} timed runs ({sizes.nilearn_repeats} for "
+            "nilearn); page cache warm"
+        ),
+        "write_s": write_s,
+        "measurements": measurements,
+        "targets": targets,
+        "checks": checks,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+_WHAT = {
+    "floor": "read (+ inflate) the file into one reused buffer, nothing more",
+    "nilearn": 'NiftiLabelsMasker(labels_img, strategy="mean").fit_transform(bold)',
+    "painnet": "painnet.data.extract.extract_parcel_series(bold, load_atlas(dseg))",
+}
+
+
+def _targets(res: dict[str, dict], fmt: str) -> list[dict[str, Any]]:
+    best = {name: min(r["times"]) for name, r in res.items()}
+    painnet_mem = res["painnet"]["peak_mem_mb"]
+    nilearn_mem = res["nilearn"]["peak_mem_mb"]
+    brief = "project brief"
+    return [
+        target(
+            f"painnet/floor {fmt}",
+            "painnet time / floor time (best of N)",
+            best["painnet"] / best["floor"],
+            1.3,
+            "max",
+            "x",
+            brief,
+        ),
+        target(
+            f"speed-up vs nilearn {fmt}",
+            "nilearn time / painnet time (best of N)",
+            best["nilearn"] / best["painnet"],
+            3.0,
+            "min",
+            "x",
+            brief,
+        ),
+        target(
+            f"memory vs nilearn {fmt}",
+            "painnet peak added RSS / nilearn peak added RSS",
+            painnet_mem / nilearn_mem if nilearn_mem else None,
+            0.25,
+            "max",
+            "x",
+            brief,
+        ),
+    ]
+
+
+def _agreement(workdir: Path, fmt: str) -> dict[str, float]:
+    """Largest difference between painnet's and nilearn's parcel means (same file)."""
+    tag = fmt.replace(".", "_")
+    ours = np.load(workdir / f"series_painnet{tag}.npy")
+    theirs = np.load(workdir / f"series_nilearn{tag}.npy")
+    if ours.shape != theirs.shape:
+        return {"same_shape": False, "painnet_shape": ours.shape, "nilearn_shape": theirs.shape}
+    diff = np.abs(ours.astype(np.float64) - theirs)
+    return {
+        "same_shape": True,
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / np.maximum(np.abs(theirs), 1e-12)).max()),
+    }
