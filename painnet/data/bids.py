@@ -103,7 +103,9 @@ def discover_runs(
             continue
         if run_set is not None and key.run not in run_set:
             continue
-        found.append(_pair_files(root, conf_root, bold, key, ent, bold_kind, recording, require_confounds))
+        found.append(
+            _pair_files(root, conf_root, bold, key, ent, bold_kind, recording, require_confounds)
+        )
 
     if not found:
         raise BIDSError(
@@ -163,12 +165,12 @@ def _repetition_time(bold: Path, bold_json: Path | None, bold_kind: str) -> floa
     header_tr = None
     if bold_kind in ("nifti", "cifti"):
         header_tr = header_repetition_time(bold)
-    if sidecar_tr is not None and header_tr is not None:
-        if abs(sidecar_tr - header_tr) > TR_TOLERANCE_S:
-            raise BIDSError(
-                f"{bold}: TR disagrees between image header ({header_tr:g} s) "
-                f"and sidecar {bold_json.name} ({sidecar_tr:g} s)"
-            )
+    both = sidecar_tr is not None and header_tr is not None
+    if both and abs(sidecar_tr - header_tr) > TR_TOLERANCE_S:
+        raise BIDSError(
+            f"{bold}: TR disagrees between image header ({header_tr:g} s) "
+            f"and sidecar {bold_json.name} ({sidecar_tr:g} s)"
+        )
     tr = sidecar_tr if sidecar_tr is not None else header_tr
     if tr is None or tr <= 0:
         raise BIDSError(f"{bold}: no valid RepetitionTime in the sidecar or the image header")
@@ -258,7 +260,9 @@ def _check_unique(found: list[RunFiles]) -> None:
         seen[files.key] = files.bold
 
 
-def _check_unmatched_ratings(root, found, recording, task, subject_set, session_set, run_set) -> None:
+def _check_unmatched_ratings(
+    root, found, recording, task, subject_set, session_set, run_set
+) -> None:
     matched = {f.ratings.resolve() for f in found}
     for ratings in sorted(root.glob(f"sub-*/**/func/*_recording-{recording}_physio.tsv.gz")):
         ent = parse_entities(ratings.name)

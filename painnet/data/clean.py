@@ -79,7 +79,9 @@ def confound_columns(config: CleanConfig, available: list[str]) -> list[str]:
     return columns
 
 
-def read_confounds(path: Path, config: CleanConfig, n_frames: int) -> tuple[np.ndarray | None, np.ndarray]:
+def read_confounds(
+    path: Path, config: CleanConfig, n_frames: int
+) -> tuple[np.ndarray | None, np.ndarray]:
     """(confound matrix (T, C) or None, framewise displacement (T,)) from an fMRIPrep table."""
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a", "NaN", "nan"])

@@ -114,13 +114,17 @@ class PainDataModule(L.LightningDataModule):
         self.split = make_split(self.split_config, sessions)
         used = set(self.split.train + self.split.val + self.split.test)
         self.run_files = [f for f in all_files if f.key.session_key in used]
-        self.runs = [load_run(f, self.atlas, self.clean, self.cache, self.lag_s) for f in self.run_files]
+        self.runs = [
+            load_run(f, self.atlas, self.clean, self.cache, self.lag_s) for f in self.run_files
+        ]
         n_parcels = {r.n_parcels for r in self.runs}
         if len(n_parcels) != 1:
             raise ValueError(f"{self.root}: runs have different parcel counts {sorted(n_parcels)}")
         trs = {round(r.tr, 6) for r in self.runs}
         if len(trs) != 1:
-            raise ValueError(f"{self.root}: runs have different TRs {sorted(trs)}; window lengths would differ")
+            raise ValueError(
+                f"{self.root}: runs have different TRs {sorted(trs)}; window lengths would differ"
+            )
         self._datasets = {}
 
     # -- properties -------------------------------------------------------------------------
@@ -197,5 +201,9 @@ class PainDataModule(L.LightningDataModule):
 def _needs_confounds(clean: Mapping) -> bool:
     cfg = CleanConfig(**clean)
     return bool(
-        cfg.motion or cfg.wm_csf or cfg.n_acompcor or cfg.global_signal or cfg.fd_threshold is not None
+        cfg.motion
+        or cfg.wm_csf
+        or cfg.n_acompcor
+        or cfg.global_signal
+        or cfg.fd_threshold is not None
     )

@@ -43,7 +43,10 @@ def cleaned_key(files: RunFiles, atlas: Atlas | None, clean: CleanConfig) -> str
 def extract_cached(files: RunFiles, atlas: Atlas | None, cache: ArrayCache) -> dict:
     def compute():
         series, names = extract_parcel_series(files.bold, atlas)
-        return {"series": series.astype(np.float32, copy=False), "names": np.asarray(names, dtype=str)}
+        return {
+            "series": series.astype(np.float32, copy=False),
+            "names": np.asarray(names, dtype=str),
+        }
 
     return cache.get_or_compute(extraction_key(files, atlas), compute)
 

@@ -36,7 +36,9 @@ class Split:
         for role, keys in roles.items():
             for key in keys:
                 if key in seen:
-                    raise ValueError(f"split {self.name}: session {key} is in both {seen[key]} and {role}")
+                    raise ValueError(
+                        f"split {self.name}: session {key} is in both {seen[key]} and {role}"
+                    )
                 seen[key] = role
         if not self.train:
             raise ValueError(f"split {self.name}: no training session")

@@ -24,7 +24,9 @@ def window_frames(window_s: float, tr: float) -> int:
     return max(1, int(round(window_s / tr)))
 
 
-def window_ends(run: RunData, length: int, targets_only: bool = True, stride: int = 1) -> np.ndarray:
+def window_ends(
+    run: RunData, length: int, targets_only: bool = True, stride: int = 1
+) -> np.ndarray:
     """End frames of the windows of one run.
 
     targets_only: only frames with a valid target (training/validation/testing); otherwise every

@@ -51,10 +51,12 @@ def pretrain(cfg: DictConfig, dm: PainDataModule, output_dir: Path) -> Path:
     pre_dm = build_datamodule(pre_cfg, split=pretrain_split(cfg, dm))
     task = build_task(pre_cfg, pre_dm)
     pre_dir = output_dir / "pretrain"
-    pre_cfg.callbacks.model_checkpoint.dirpath = str(pre_dir / "checkpoints")
+    if (pre_cfg.get("callbacks") or {}).get("model_checkpoint"):
+        pre_cfg.callbacks.model_checkpoint.dirpath = str(pre_dir / "checkpoints")
     trainer = build_trainer(pre_cfg, pre_dir, with_loggers=False)
     trainer.fit(task, datamodule=pre_dm)
-    best = trainer.checkpoint_callback.best_model_path
+    # Without a checkpoint callback (callbacks=none) the last weights are the pretrained ones.
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         best = str(pre_dir / "checkpoints" / "last.ckpt")
         trainer.save_checkpoint(best)

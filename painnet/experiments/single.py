@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -94,21 +96,35 @@ def run_single(cfg: DictConfig, output_dir: str | Path) -> dict:
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
 
     table.to_csv(output_dir / "predictions.csv", index=False)
+    (output_dir / "split.json").write_text(
+        json.dumps({"name": split.name, "train": split.train, "val": split.val, "test": split.test})
+    )
     eval_cfg = cfg.get("eval") or {}
+    # Evaluate into a staging folder and publish metrics.json last: its presence marks a
+    # finished job (experiment runners skip those on a rerun), so it must not exist early.
+    staging = output_dir / ".evaluation"
+    shutil.rmtree(staging, ignore_errors=True)
     metrics = evaluate_predictions(
         table,
-        out_dir=output_dir,
+        out_dir=staging,
         n_boot=int(eval_cfg.get("n_boot", 10_000)),
         seed=int(cfg.seed),
         plots=bool(eval_cfg.get("plots", True)),
     )
-    (output_dir / "split.json").write_text(
-        json.dumps({"name": split.name, "train": split.train, "val": split.val, "test": split.test})
-    )
+    _publish(staging, output_dir, last=DONE_MARKER)
     log_results(loggers, metrics, output_dir, OmegaConf.to_container(cfg, resolve=True))
     finish_loggers(loggers)
+    os.replace(staging / DONE_MARKER, output_dir / DONE_MARKER)
+    staging.rmdir()
     print_metrics(metrics, title=f"{name} · {split.name}")
     return metrics
+
+
+def _publish(staging: Path, output_dir: Path, last: str) -> None:
+    """Move every file of ``staging`` into ``output_dir`` except ``last``."""
+    for path in staging.iterdir():
+        if path.name != last:
+            os.replace(path, output_dir / path.name)
 
 
 def _train_deep(cfg: DictConfig, dm: PainDataModule, output_dir: Path, name: str):
