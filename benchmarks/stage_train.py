@@ -61,9 +61,9 @@ def default_config() -> dict[str, Any]:
     """Net kwargs, optimizer kwargs, gradient clipping and epochs from the repo's configs."""
     from omegaconf import OmegaConf
 
-    model = OmegaConf.load(REPO_ROOT / "conf" / "model" / "convattn.yaml")
-    cpu = OmegaConf.load(REPO_ROOT / "conf" / "trainer" / "cpu.yaml")
-    gpu = OmegaConf.load(REPO_ROOT / "conf" / "trainer" / "gpu.yaml")
+    model = OmegaConf.load(REPO_ROOT / "painnet" / "conf" / "model" / "convattn.yaml")
+    cpu = OmegaConf.load(REPO_ROOT / "painnet" / "conf" / "trainer" / "cpu.yaml")
+    gpu = OmegaConf.load(REPO_ROOT / "painnet" / "conf" / "trainer" / "gpu.yaml")
     skip = {"_target_", "_partial_"}
     net = {k: v for k, v in OmegaConf.to_container(model.net).items() if k not in skip}
     opt = {k: v for k, v in OmegaConf.to_container(model.optimizer).items() if k not in skip}

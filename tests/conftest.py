@@ -1,4 +1,4 @@
-"""Shared fixtures: real Hydra configs composed from conf/, one simulated tiny dataset per session."""
+"""Shared fixtures: real Hydra configs composed from painnet/conf/, one simulated tiny dataset per session."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "painnet" / "conf")
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Tiny models: one intra-op thread is faster than two and immune to a busy machine's contention.

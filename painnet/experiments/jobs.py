@@ -29,7 +29,7 @@ from painnet.data.splits import make_split
 
 KINDS = ("within_subject", "cross_subject", "data_size", "finetune")
 ARMS = ("scratch", "finetune")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DONE_MARKER = "metrics.json"
 
 
