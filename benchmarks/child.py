@@ -19,6 +19,8 @@ TASKS = {
     "train": ("benchmarks.stage_train", "child_train"),
     "edge": ("benchmarks.stage_edge", "child_edge"),
     "evaluation": ("benchmarks.stage_evaluation", "child_evaluation"),
+    "lab": ("benchmarks.stage_lab", "child_lab"),
+    "realtime": ("benchmarks.stage_realtime", "child_realtime"),
 }
 
 

@@ -8,6 +8,7 @@ time-stamped copy. Exit status 1 if a stage failed (its error is in the JSON).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,11 +25,22 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from benchmarks import stage_edge, stage_evaluation, stage_extract, stage_train, stage_windows
+from benchmarks import (
+    stage_edge,
+    stage_evaluation,
+    stage_extract,
+    stage_lab,
+    stage_realtime,
+    stage_train,
+    stage_windows,
+)
 from benchmarks.common import REPO_ROOT, target
 from benchmarks.synthetic import RunSizes
 
-STAGES = ("extract", "windows", "train", "edge", "bootstrap")
+STAGES = ("extract", "windows", "train", "edge", "bootstrap", "lab", "realtime")
+# a full run measures these unless --stages says otherwise ("lab", a whole participant, takes
+# most of an hour on 2 cores: on request); --quick runs every stage
+DEFAULT_FULL_STAGES = ("extract", "windows", "train", "edge", "bootstrap", "realtime")
 PACKAGES = ("torch", "numpy", "nilearn", "nibabel", "scipy", "scikit-learn", "lightning", "pandas")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 WINDOWS_OVER_TRAINING = 10.0  # brief: loader windows/s >= 10 x training samples/s
@@ -44,6 +56,8 @@ class Plan:
     loso: stage_train.LosoSizes = field(default_factory=stage_train.LosoSizes)
     edge: stage_edge.EdgeSizes = field(default_factory=stage_edge.EdgeSizes)
     evaluation: stage_evaluation.EvalSizes = field(default_factory=stage_evaluation.EvalSizes)
+    lab: stage_lab.LabSizes = field(default_factory=stage_lab.LabSizes)
+    realtime: stage_realtime.RealtimeSizes = field(default_factory=stage_realtime.RealtimeSizes)
 
 
 def quick_plan() -> Plan:
@@ -75,6 +89,10 @@ def quick_plan() -> Plan:
             drop_frames=20,
             n_boot=200,
             repeats=2,
+        ),
+        lab=stage_lab.quick_sizes(),
+        realtime=stage_realtime.RealtimeSizes(
+            models=("edge_pcr",), n_volumes=10, interval_s=0.05, paper_shape=(24, 24, 16)
         ),
     )
 
@@ -171,6 +189,10 @@ def _run_one(name: str, args, plan: Plan, workdir: Path, log) -> dict[str, Any]:
         return stage_edge.run_stage(plan.edge, log)
     if name == "bootstrap":
         return stage_evaluation.run_stage(plan.evaluation, log)
+    if name == "lab":
+        return stage_lab.run_stage(plan.lab, workdir / "lab", log)
+    if name == "realtime":
+        return stage_realtime.run_stage(plan.realtime, log)
     raise ValueError(f"unknown stage {name!r}; expected some of {STAGES}")
 
 
@@ -300,7 +322,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (<1 min)")
     parser.add_argument(
-        "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
+        "--stages",
+        default=None,
+        help=f"comma-separated subset of {','.join(STAGES)} (default: all but lab; --quick: all)",
     )
     parser.add_argument(
         "--out",
@@ -338,7 +362,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="folds of the measured deep LOSO run (default: all 28)",
     )
+    parser.add_argument(
+        "--lab-sessions",
+        type=int,
+        default=None,
+        help="sessions (of 3 runs) of the lab stage's participant (default: 28, the paper's; "
+        "fewer measure part of it and extrapolate to 28, marked as an estimate)",
+    )
     args = parser.parse_args(argv)
+    if args.stages is None:
+        args.stages = ",".join(STAGES if args.quick else DEFAULT_FULL_STAGES)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -351,6 +384,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     plan = quick_plan() if args.quick else Plan()
+    if getattr(args, "lab_sessions", None) is not None:
+        if args.lab_sessions < 1:
+            raise SystemExit(f"--lab-sessions must be >= 1, got {args.lab_sessions}")
+        plan.lab = dataclasses.replace(plan.lab, n_sessions=args.lab_sessions)
     if args.loso_epochs is not None or args.loso_folds is not None:
         loso = plan.loso
         plan.loso = stage_train.LosoSizes(

@@ -7,12 +7,15 @@ ratio is set by the empty background, like real BOLD). The label image splits th
 ~400 blobs (Voronoi cells of random seed voxels). The gzip stream is written at level 1
 (nibabel's default ``compresslevel``); inflating speed hardly depends on the level.
 
-Three contenders per file, each in its own fresh child process (so peak memory is its own):
+Contenders per file, each in its own fresh child process (so peak memory is its own):
 
-- ``floor``: read the file once (inflating a ``.nii.gz`` with zlib) into one reused 2 MiB
-  buffer, and nothing more — no parsing, no reduction;
+- ``floor``: read the file once into one reused 2 MiB buffer, and nothing more — no parsing,
+  no reduction. A ``.nii.gz`` is inflated by each available decompressor in turn (``floor
+  zlib``, ``floor isal`` = ISA-L igzip, ``floor zlib-ng``); the floor is the fastest of them;
 - ``nilearn``: ``NiftiLabelsMasker(labels_img, strategy="mean").fit_transform(bold)``;
-- ``painnet``: ``extract_parcel_series(bold, load_atlas(dseg spec))``.
+- ``painnet``: ``extract_parcel_series(bold, load_atlas(dseg spec))`` as installed (ISA-L when
+  ``isal`` is there); on ``.nii.gz`` also ``painnet zlib`` (forced to zlib, the history's
+  configuration).
 
 A child first runs its contender on a tiny file (so lazy imports are done), resets the
 process's memory high-water mark, runs once on the real file (that run also warms the page
@@ -22,6 +25,8 @@ runs: ``best_s`` is the best of those, ``median_s`` their median.
 
 from __future__ import annotations
 
+import importlib
+import os
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -34,6 +39,8 @@ from benchmarks.common import PeakMemory, measurement, run_child, target, time_c
 
 CONTENDERS = ("floor", "nilearn", "painnet")
 FORMATS = (".nii.gz", ".nii")
+# gzip decompressors with zlib's decompressobj API: name -> module
+DECOMPRESSORS = {"zlib": "zlib", "isal": "isal.isal_zlib", "zlib-ng": "zlib_ng.zlib_ng"}
 _READ_BLOCK = 2 << 20  # reused buffer of the floor reader
 _GZ_IN = 256 << 10
 _WRITE_FRAMES = 32  # frames generated and written at once
@@ -98,11 +105,19 @@ def _nifti_header_bytes(shape4d: tuple[int, ...], affine: np.ndarray, tr: float)
     return hdr.binaryblock + b"\x00" * 4
 
 
-def write_run(folder: Path, stem: str, sizes: ExtractSizes) -> dict[str, Path]:
-    """Write ``<stem>_bold.nii.gz``, ``<stem>_bold.nii`` and ``<stem>_dseg.nii.gz``.
+def write_run(
+    folder: Path,
+    stem: str,
+    sizes: ExtractSizes,
+    gz_only: bool = False,
+    data_seed: int | None = None,
+) -> dict[str, Path]:
+    """Write ``<stem>_bold.nii.gz``, ``<stem>_bold.nii`` (unless ``gz_only``) and
+    ``<stem>_dseg.nii.gz``.
 
     Frames are generated ``_WRITE_FRAMES`` at a time and appended to both files, so writing
-    never holds the whole run in memory. Returns the three paths.
+    never holds the whole run in memory. The labels come from ``sizes.seed``, the voxel values
+    from ``data_seed`` (default ``sizes.seed + 1``). Returns the paths written.
     """
     import nibabel as nib
 
@@ -118,9 +133,12 @@ def write_run(folder: Path, stem: str, sizes: ExtractSizes) -> dict[str, Path]:
     header = _nifti_header_bytes((*sizes.shape, sizes.n_frames), affine, 0.46)
     brain = np.flatnonzero(labels.ravel(order="F"))  # frames are stored Fortran-ordered
     n_vox = int(np.prod(sizes.shape))
-    rng = np.random.default_rng(sizes.seed + 1)
+    rng = np.random.default_rng(sizes.seed + 1 if data_seed is None else data_seed)
     deflate = zlib.compressobj(sizes.compresslevel, zlib.DEFLATED, 31)  # 31: gzip container
-    with open(paths[".nii"], "wb") as raw, open(paths[".nii.gz"], "wb") as gz:
+    if gz_only:
+        del paths[".nii"]
+    raw_path = paths.get(".nii", os.devnull)
+    with open(raw_path, "wb") as raw, open(paths[".nii.gz"], "wb") as gz:
         raw.write(header)
         gz.write(deflate.compress(header))
         frames = np.zeros((_WRITE_FRAMES, n_vox), dtype=np.float32)
@@ -138,8 +156,21 @@ def write_run(folder: Path, stem: str, sizes: ExtractSizes) -> dict[str, Path]:
 # --------------------------------------------------------------------------- contenders
 
 
-def read_floor(path: str | Path) -> int:
-    """Read (inflating ``.gz``) the whole file into one reused buffer; returns bytes produced."""
+def available_decompressors() -> list[str]:
+    """The names in ``DECOMPRESSORS`` whose module can be imported here."""
+    names = []
+    for name, module in DECOMPRESSORS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def read_floor(path: str | Path, decompressor: str = "zlib") -> int:
+    """Read (inflating ``.gz`` with ``decompressor``) the whole file into one reused buffer;
+    returns bytes produced."""
     buffer = bytearray(_READ_BLOCK)
     view = memoryview(buffer)
     total = 0
@@ -148,7 +179,7 @@ def read_floor(path: str | Path) -> int:
             while n := fh.readinto(view):
                 total += n
             return total
-        inflate = zlib.decompressobj(wbits=31)
+        inflate = importlib.import_module(DECOMPRESSORS[decompressor]).decompressobj(wbits=31)
         data = b""
         while True:
             data = inflate.unconsumed_tail or fh.read(_GZ_IN)
@@ -169,21 +200,24 @@ def run_nilearn(bold: str | Path, dseg: str | Path) -> np.ndarray:
     return masker.fit_transform(str(bold))
 
 
-def run_painnet(bold: str | Path, dseg: str | Path) -> np.ndarray:
+def run_painnet(bold: str | Path, dseg: str | Path, gzip_backend: str | None = None) -> np.ndarray:
+    from painnet.data import extract
     from painnet.data.atlas import load_atlas
     from painnet.data.extract import extract_parcel_series
 
+    if gzip_backend is not None:
+        extract.GZIP_BACKEND = gzip_backend
     atlas = load_atlas({"kind": "dseg", "path": str(dseg), "labels_tsv": None})
     return extract_parcel_series(bold, atlas)[0]
 
 
-def _contender(name: str, bold: str, dseg: str):
+def _contender(name: str, bold: str, dseg: str, variant: str | None = None):
     if name == "floor":
-        return lambda: read_floor(bold)
+        return lambda: read_floor(bold, variant or "zlib")
     if name == "nilearn":
         return lambda: run_nilearn(bold, dseg)
     if name == "painnet":
-        return lambda: run_painnet(bold, dseg)
+        return lambda: run_painnet(bold, dseg, variant)
     raise ValueError(f"unknown extraction contender {name!r}; expected one of {CONTENDERS}")
 
 
@@ -192,9 +226,10 @@ def child_extract(params: dict[str, Any]) -> dict[str, Any]:
     import warnings
 
     warnings.simplefilter("ignore")
-    name = params["contender"]
-    _contender(name, params["warm_bold"], params["warm_dseg"])()  # lazy imports, not measured
-    run = _contender(name, params["bold"], params["dseg"])
+    name, variant = params["contender"], params.get("variant")
+    # lazy imports, not measured
+    _contender(name, params["warm_bold"], params["warm_dseg"], variant)()
+    run = _contender(name, params["bold"], params["dseg"], variant)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         out = run()
@@ -225,12 +260,14 @@ def run_stage(sizes: ExtractSizes, workdir: Path, log=print) -> dict[str, Any]:
     measurements = []
     for fmt in FORMATS:
         results[fmt] = {}
-        for name in CONTENDERS:
-            save = workdir / f"series_{name}{fmt.replace('.', '_')}.npy"
+        for label, name, variant in _plan(fmt):
+            tag = label.replace(" ", "_").replace("-", "_")
+            save = workdir / f"series_{tag}{fmt.replace('.', '_')}.npy"
             res = run_child(
                 "extract",
                 {
                     "contender": name,
+                    "variant": variant,
                     "bold": str(paths[fmt]),
                     "dseg": str(paths["dseg"]),
                     "warm_bold": str(warm[fmt]),
@@ -239,11 +276,11 @@ def run_stage(sizes: ExtractSizes, workdir: Path, log=print) -> dict[str, Any]:
                     "save": str(save) if name != "floor" else None,
                 },
             )
-            results[fmt][name] = res
+            results[fmt][label] = res
             measurements.append(
                 measurement(
-                    f"{name} {fmt}",
-                    _WHAT[name],
+                    f"{label} {fmt}",
+                    _WHAT[name] + (f" ({variant})" if variant else ""),
                     res["times"],
                     peak_mem_mb=res["peak_mem_mb"],
                     first_run_s=res["first_s"],
@@ -252,7 +289,7 @@ def run_stage(sizes: ExtractSizes, workdir: Path, log=print) -> dict[str, Any]:
                 )
             )
             log(
-                f"  {name:8s} {fmt:7s} best {min(res['times']):.2f} s, "
+                f"  {label:13s} {fmt:7s} best {min(res['times']):.2f} s, "
                 f"peak +{res['peak_mem_mb']:.0f} MiB"
             )
 
@@ -288,21 +325,69 @@ _WHAT = {
 }
 
 
+def _plan(fmt: str) -> list[tuple[str, str, str | None]]:
+    """``(label, contender, variant)`` measured on one format."""
+    if fmt != ".nii.gz":
+        return [
+            ("floor", "floor", None),
+            ("nilearn", "nilearn", None),
+            ("painnet", "painnet", None),
+        ]
+    floors = [(f"floor {name}", "floor", name) for name in available_decompressors()]
+    return [
+        *floors,
+        ("nilearn", "nilearn", None),
+        ("painnet", "painnet", None),
+        ("painnet zlib", "painnet", "zlib"),
+    ]
+
+
+def _fastest_floor(best: dict[str, float]) -> tuple[str, float]:
+    """``(label, seconds)`` of the fastest floor measured."""
+    floors = {label: t for label, t in best.items() if label.startswith("floor")}
+    label = min(floors, key=floors.get)
+    return label, floors[label]
+
+
 def _targets(res: dict[str, dict], fmt: str) -> list[dict[str, Any]]:
     best = {name: min(r["times"]) for name, r in res.items()}
     painnet_mem = res["painnet"]["peak_mem_mb"]
     nilearn_mem = res["nilearn"]["peak_mem_mb"]
     brief = "project brief"
+    floor_label, floor_s = _fastest_floor(best)
+    history = []
+    if fmt == ".nii.gz":
+        history = [
+            target(
+                f"painnet/zlib floor {fmt}",
+                "painnet time (as installed) / zlib floor time (best of N)",
+                best["painnet"] / best["floor zlib"],
+                1.3,
+                "max",
+                "x",
+                brief,
+            ),
+            target(
+                f"painnet zlib/zlib floor {fmt}",
+                "painnet forced to zlib / zlib floor (best of N): the history's ratio",
+                best["painnet zlib"] / best["floor zlib"],
+                1.3,
+                "max",
+                "x",
+                brief,
+            ),
+        ]
     return [
         target(
             f"painnet/floor {fmt}",
-            "painnet time / floor time (best of N)",
-            best["painnet"] / best["floor"],
+            f"painnet time / fastest floor time (best of N; fastest: {floor_label})",
+            best["painnet"] / floor_s,
             1.3,
             "max",
             "x",
             brief,
         ),
+        *history,
         target(
             f"speed-up vs nilearn {fmt}",
             "nilearn time / painnet time (best of N)",
@@ -324,16 +409,23 @@ def _targets(res: dict[str, dict], fmt: str) -> list[dict[str, Any]]:
     ]
 
 
-def _agreement(workdir: Path, fmt: str) -> dict[str, float]:
-    """Largest difference between painnet's and nilearn's parcel means (same file)."""
+def _agreement(workdir: Path, fmt: str) -> dict[str, Any]:
+    """Largest difference between painnet's and nilearn's parcel means (same file), and
+    whether painnet's series are the same bytes with zlib as with the installed inflater."""
     tag = fmt.replace(".", "_")
     ours = np.load(workdir / f"series_painnet{tag}.npy")
     theirs = np.load(workdir / f"series_nilearn{tag}.npy")
     if ours.shape != theirs.shape:
         return {"same_shape": False, "painnet_shape": ours.shape, "nilearn_shape": theirs.shape}
     diff = np.abs(ours.astype(np.float64) - theirs)
-    return {
+    check: dict[str, Any] = {
         "same_shape": True,
         "max_abs_diff": float(diff.max()),
         "max_rel_diff": float((diff / np.maximum(np.abs(theirs), 1e-12)).max()),
     }
+    zlib_series = workdir / f"series_painnet_zlib{tag}.npy"
+    if zlib_series.exists():  # the installed decompressor and zlib: the same bytes
+        check["painnet_zlib_byte_identical"] = bool(
+            np.load(zlib_series).tobytes() == ours.tobytes()
+        )
+    return check

@@ -18,6 +18,14 @@ real through ``lightning.Trainer`` for a fixed number of epochs per fold, in the
 after the step timings; on CPU it is an *estimate* from the measured step and forward rates
 (``max_epochs`` of ``conf/trainer/cpu.yaml``), unless forced (``--measure-loso yes``, which
 quick mode uses at tiny size so that this code path is exercised without a GPU).
+
+``loaders`` (GPU path, and wherever the LOSO run is measured): a full training step *with* data
+loading, over the training windows of one LOSO fold, for three ways to feed the device: the
+default loader (``num_workers=0``), pinned memory with worker processes (``pin_memory=True``,
+``num_workers=4``, batches copied with ``non_blocking=True``), and a GPU-resident window dataset
+(the participant's parcel series and window indices moved to the device once, windows gathered
+there). The LOSO run then uses the fastest of them. ``compiled``: the step rate of the bf16 step
+with ``torch.compile`` on the net (``model.compile=true``), compile time left out.
 """
 
 from __future__ import annotations
@@ -112,7 +120,9 @@ def _time_steps(step, n_warmup: int, n_steps: int, device) -> list[float]:
     return times
 
 
-def _measure_device(sizes: TrainSizes, config: dict, device, bf16: bool, n_steps: int) -> dict:
+def _measure_device(
+    sizes: TrainSizes, config: dict, device, bf16: bool, n_steps: int, compile_net: bool = False
+) -> dict:
     """Step and eval-forward times of one task on one device and precision."""
     import contextlib
 
@@ -120,6 +130,8 @@ def _measure_device(sizes: TrainSizes, config: dict, device, bf16: bool, n_steps
 
     torch.manual_seed(0)
     task = build_task(sizes.n_parcels, sizes.n_frames, config).to(device)
+    if compile_net:
+        task.net.compile()
     task.train()
     optimizer = task.configure_optimizers()
     x = torch.randn(sizes.batch_size, sizes.n_parcels, sizes.n_frames, device=device)
@@ -175,9 +187,107 @@ def child_train(params: dict[str, Any]) -> dict[str, Any]:
         out["gpu_name"] = torch.cuda.get_device_name(device)
         out["gpu_bf16"] = _measure_device(sizes, config, device, True, sizes.gpu_steps)
         out["gpu_fp32"] = _measure_device(sizes, config, device, False, sizes.gpu_steps)
+        try:
+            out["gpu_bf16_compiled"] = _measure_device(
+                sizes, config, device, True, sizes.gpu_steps, compile_net=True
+            )
+        except Exception as err:  # recorded in the results, never hidden
+            out["compile_error"] = f"{type(err).__name__}: {err}"
     loso = params.get("loso")
     if loso is not None and (loso["measure"] == "yes" or torch.cuda.is_available()):
+        out["loaders"] = measure_loaders(loso, sizes.n_frames, config)
+        loso = {**loso, "loader": max(out["loaders"], key=lambda k: out["loaders"][k]["rate"])}
         out["loso"] = run_loso(loso, sizes.n_frames, config)
+    return out
+
+
+# --------------------------------------------------------------------------- loaders
+
+LOADERS = ("workers0", "pinned_workers4", "gpu_resident")
+
+
+def _device_dataset(ds, device):
+    """The WindowDataset with its tensors on ``device``: windows are gathered there."""
+    for name in ("series", "target", "global_end", "local_end", "owner_run", "_steps"):
+        setattr(ds, name, getattr(ds, name).to(device))
+    return ds
+
+
+def _loader(ds, kind: str, batch: int, shuffle: bool, device):
+    from torch.utils.data import DataLoader
+
+    from painnet.data.windows import collate_batch
+
+    if kind == "gpu_resident":
+        return DataLoader(
+            _device_dataset(ds, device), batch_size=batch, shuffle=shuffle, collate_fn=collate_batch
+        )
+    workers = 4 if kind == "pinned_workers4" else 0
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=shuffle,
+        collate_fn=collate_batch,
+        num_workers=workers,
+        pin_memory=kind == "pinned_workers4" and device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+def measure_loaders(params: dict[str, Any], length: int, config: dict[str, Any]) -> dict:
+    """Training samples/s with data loading, per way of feeding the device (see module doc)."""
+    import contextlib
+
+    import torch
+
+    from benchmarks.synthetic import make_runs
+    from painnet.data.windows import WindowDataset
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    sizes = RunSizes(**params["runs"])
+    runs = make_runs(sizes, seed=0, coupled_parcels=min(30, sizes.n_parcels // 2))
+    train = list(range(min(len(runs), max(1, (sizes.n_sessions - 2) * sizes.n_runs))))
+    batch = int(params["batch_size"])
+    max_batches = 200 if gpu else 4
+    out = {}
+    for kind in LOADERS:
+        torch.manual_seed(0)
+        task = build_task(runs[0].n_parcels, length, config).to(device)
+        optimizer = task.configure_optimizers()
+        ds = WindowDataset([runs[i] for i in train], length, train, True)
+        loader = _loader(ds, kind, batch, True, device)
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if gpu
+            else contextlib.nullcontext()
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        n, t0 = 0, None
+        for i, b in enumerate(loader):
+            if i == 2:  # two warm-up batches (worker start-up, allocator)
+                _sync(device)
+                n, t0 = 0, time.perf_counter()
+            x = b["x"].to(device, non_blocking=True)
+            y = b["y"].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = task.loss(task(x).float(), y)
+            loss.backward()
+            optimizer.step()
+            n += len(y)
+            if i + 1 >= max_batches:
+                break
+        _sync(device)
+        elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+        out[kind] = {
+            "rate": n / elapsed if t0 is not None and elapsed > 0 else 0.0,
+            "samples": n,
+            "seconds": elapsed,
+            "gpu_peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None,
+        }
+        del loader, ds
     return out
 
 
@@ -193,11 +303,10 @@ def run_loso(params: dict[str, Any], length: int, config: dict[str, Any]) -> dic
     """
     import lightning
     import torch
-    from torch.utils.data import DataLoader
 
     from benchmarks.synthetic import make_runs, sessions_of
     from painnet.data.splits import loso_split
-    from painnet.data.windows import WindowDataset, collate_batch
+    from painnet.data.windows import WindowDataset
 
     sizes = LosoSizes(
         runs=RunSizes(**params["runs"]),
@@ -213,9 +322,12 @@ def run_loso(params: dict[str, Any], length: int, config: dict[str, Any]) -> dic
     subject = next(iter(sessions))
     n_folds = len(sessions[subject]) if sizes.folds is None else int(sizes.folds)
 
+    kind = str(params.get("loader", "workers0"))
+    device = torch.device("cuda" if gpu else "cpu")
+
     def loader(role_runs: list[int], batch: int, shuffle: bool, targets_only: bool = True):
         ds = WindowDataset([runs[i] for i in role_runs], length, role_runs, targets_only)
-        return DataLoader(ds, batch_size=batch, shuffle=shuffle, collate_fn=collate_batch)
+        return _loader(ds, kind, batch, shuffle, device)
 
     fold_times, n_predicted = [], 0
     t_all = time.perf_counter()
@@ -240,12 +352,16 @@ def run_loso(params: dict[str, Any], length: int, config: dict[str, Any]) -> dic
             enable_model_summary=False,
             num_sanity_val_steps=0,
         )
-        trainer.fit(
-            task,
-            loader(role["train"], sizes.batch_size, True),
-            loader(role["val"], sizes.eval_batch_size, False),
+        # A DataModule, as in painnet: callbacks (binned validation r) read its ``runs``.
+        data = lightning.LightningDataModule.from_datasets()
+        data.runs = runs
+        data.train_dataloader = lambda r=role: loader(r["train"], sizes.batch_size, True)
+        data.val_dataloader = lambda r=role: loader(r["val"], sizes.eval_batch_size, False)
+        data.predict_dataloader = lambda r=role: loader(
+            r["test"], sizes.eval_batch_size, False, False
         )
-        batches = trainer.predict(task, loader(role["test"], sizes.eval_batch_size, False, False))
+        trainer.fit(task, datamodule=data)
+        batches = trainer.predict(task, datamodule=data)
         n_predicted += sum(int(b["prediction"].numel()) for b in batches)
         fold_times.append(time.perf_counter() - t0)
     return {
@@ -256,6 +372,7 @@ def run_loso(params: dict[str, Any], length: int, config: dict[str, Any]) -> dic
         "device": torch.cuda.get_device_name(0) if gpu else "cpu",
         "precision": config["gpu_precision"] if gpu else "32-true",
         "frames_predicted": n_predicted,
+        "loader": kind,
     }
 
 
@@ -285,7 +402,13 @@ def run_stage(
     loso_params = {**asdict(loso), "measure": measure_loso} if measure else None
     res = run_child("train", {"sizes": asdict(sizes), "loso": loso_params}, timeout_s=3600)
     measurements, rates = [], {}
-    for key, label in (("cpu", "CPU fp32"), ("gpu_bf16", "GPU bf16"), ("gpu_fp32", "GPU fp32")):
+    labels = (
+        ("cpu", "CPU fp32"),
+        ("gpu_bf16", "GPU bf16"),
+        ("gpu_fp32", "GPU fp32"),
+        ("gpu_bf16_compiled", "GPU bf16 compiled"),
+    )
+    for key, label in labels:
         if key not in res:
             continue
         r = res[key]
@@ -311,6 +434,21 @@ def run_stage(
         measurements += [step, fwd]
         rates[key] = {"train": step["rate_median"], "eval": fwd["rate_median"]}
         log(f"  {label}: {step['rate']:.0f} samples/s (best), {step['rate_median']:.0f} (median)")
+
+    for kind, r in (res.get("loaders") or {}).items():
+        record = measurement(
+            f"train with loader {kind} ({res.get('gpu_name', 'cpu')})",
+            "samples/s of full training steps fed by the loader (batches after 2 warm-up)",
+            [r["seconds"]],
+            items=r["samples"],
+            rate_unit="samples/s",
+            peak_mem_mb=r["gpu_peak_mem_mb"],
+            peak_mem_kind="torch.cuda.max_memory_allocated",
+        )
+        measurements.append(record)
+        log(f"  loader {kind}: {r['rate']:.0f} samples/s")
+    if res.get("compile_error"):
+        log(f"  torch.compile failed: {res['compile_error']}")
 
     config = res["config"]
     windows = loso_windows(loso.runs, sizes.n_frames)
@@ -351,6 +489,8 @@ def run_stage(
             "(GPU) steps each timed; one fixed batch on the device"
         ),
         "gpu_name": res.get("gpu_name"),
+        "compile_error": res.get("compile_error"),
+        "loader_choice": (res.get("loso") or {}).get("loader"),
         "measurements": measurements,
         "targets": [],
         "loso_estimate_cpu": estimate,

@@ -2,6 +2,8 @@
 held-out sessions again (``evaluate.py`` at the repository root is the same entry point).
 
     painnet-evaluate run_dir=outputs/train/2026-11-25/10-00-00
+    painnet-evaluate ckpt_path=<run>/checkpoints/best.ckpt data=demo split=loso split.fold=3
+    painnet-evaluate run_dir=<finished job folder of an experiment> trainer=gpu
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from painnet.config_checks import check_config
 from painnet.experiments.reevaluate import run_evaluate
 
 # The user-local search path (./conf) is optional: no warning when a folder has none.
@@ -20,8 +23,10 @@ warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, pa
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    check_config(cfg)
     metrics = run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
-    return float(metrics.get("r_1min") or float("nan"))
+    value = metrics.get("r_1min")
+    return float("nan") if value is None else float(value)
 
 
 if __name__ == "__main__":

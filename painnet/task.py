@@ -55,6 +55,8 @@ class PainDecoderTask(lightning.LightningModule):
         compile: wrap the net with ``torch.compile`` in :meth:`setup` (meant for GPUs).
         scheduler_interval: ``"epoch"`` or ``"step"``, how often the scheduler steps.
         scheduler_monitor: metric that ``ReduceLROnPlateau`` watches.
+        keep_initial: the weights at the start of training (after ``net.fit_init``) compete
+            with every epoch on ``val/r_1min`` (see :class:`painnet.callbacks.BinnedValidation`).
 
     ``net``, ``optimizer`` and ``scheduler`` are kept out of the saved hyperparameters (only
     plain values remain, so checkpoints load with ``torch.load(weights_only=True)``); pass
@@ -74,6 +76,7 @@ class PainDecoderTask(lightning.LightningModule):
         compile: bool = False,
         scheduler_interval: str = "epoch",
         scheduler_monitor: str = "val/loss",
+        keep_initial: bool = False,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -121,11 +124,38 @@ class PainDecoderTask(lightning.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         prediction, y = self._predict_batch(batch)
         loss = self.loss(prediction, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(y),
+            sync_dist=True,  # mean over DDP ranks; a no-op in one process
+        )
         return loss
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", (self.val_r, self.val_mae, self.val_mse))
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict:
+        """Logs val metrics; returns run_index/frame/prediction for ``val/r_1min``."""
+        prediction = self._evaluate(batch, "val", (self.val_r, self.val_mae, self.val_mse))
+        return _frame_outputs(batch, prediction)
+
+    def validation_batch_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        """What :meth:`validation_step` returns, without logging (for callbacks)."""
+        return _frame_outputs(batch, self(_get(batch, "x")))
+
+    def on_fit_start(self) -> None:
+        """Let the net initialise itself from the training data (``net.fit_init(datamodule)``,
+        e.g. the hybrid decoder's edge-model fit) when it defines that hook."""
+        net = getattr(self.net, "_orig_mod", self.net)
+        if hasattr(net, "fit_init") and self.trainer.datamodule is not None:
+            net.fit_init(self.trainer.datamodule)
+
+    def configure_callbacks(self) -> list:
+        """``val/r_1min`` and ``val/r_2min``: pooled r of binned validation predictions."""
+        from painnet.callbacks import BinnedValidation
+
+        return [BinnedValidation(keep_initial=self.hparams.get("keep_initial", False))]
 
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", (self.test_r, self.test_mae, self.test_mse))
@@ -154,14 +184,18 @@ class PainDecoderTask(lightning.LightningModule):
             )
         return prediction, y.to(prediction.dtype)
 
-    def _evaluate(self, batch: Mapping[str, torch.Tensor], stage: str, metrics: tuple) -> None:
+    def _evaluate(
+        self, batch: Mapping[str, torch.Tensor], stage: str, metrics: tuple
+    ) -> torch.Tensor:
         prediction, y = self._predict_batch(batch)
         n = len(y)
-        self.log(f"{stage}/loss", self.loss(prediction, y), on_epoch=True, batch_size=n)
+        loss = self.loss(prediction, y)
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
         # Logging the metric objects lets Lightning compute (and sync) them at epoch end.
         for name, metric in zip(("r", "mae", "mse"), metrics):
             metric.update(prediction.float(), y.float())
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=n)
+        return prediction
 
     # ---- optimisation -------------------------------------------------------------------
 
@@ -170,6 +204,10 @@ class PainDecoderTask(lightning.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("PainDecoderTask: no trainable parameters (everything is frozen)")
+        if hasattr(self.net, "param_groups") and not self._backbone_frozen:
+            # Nets with per-pathway learning rates (HybridDecoder) give their own groups.
+            lr = getattr(self.optimizer_factory, "keywords", {}).get("lr", 1e-3)
+            params = self.net.param_groups(lr)
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
@@ -306,6 +344,14 @@ def _check_size(net: nn.Module, n_parcels: int | None, n_frames: int | None) -> 
         own = getattr(net, name, None)
         if given is not None and own is not None and int(own) != int(given):
             raise ValueError(f"PainDecoderTask: {name}={given} but the given net has {own}")
+
+
+def _frame_outputs(batch: Mapping[str, torch.Tensor], prediction: torch.Tensor) -> dict:
+    return {
+        "run_index": _get(batch, "run_index").detach().long().cpu(),
+        "frame": _get(batch, "frame").detach().long().cpu(),
+        "prediction": prediction.detach().float().cpu(),
+    }
 
 
 def _metrics() -> tuple[PearsonCorrCoef, MeanAbsoluteError, MeanSquaredError]:

@@ -19,6 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from painnet.config_checks import check_config
 from painnet.experiments.runner import configure_threads, run_from_hydra
 from painnet.experiments.single import run_single
 
@@ -28,13 +29,16 @@ warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, pa
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    """Returns the value sweepers (e.g. Optuna) optimise: one named metric, ``test/r_1min`` of
+    the run (experiments: ``study.objective`` of ``study.objective_model``), never a mean over
+    models."""
+    check_config(cfg)
     configure_threads(cfg)
     if cfg.get("study"):
-        metrics = run_from_hydra(cfg)
-    else:
-        metrics = run_single(cfg, HydraConfig.get().runtime.output_dir)
-    # The returned value is what sweepers (e.g. Optuna) optimise.
-    return float(metrics.get("r_1min") or float("nan"))
+        return run_from_hydra(cfg)
+    metrics = run_single(cfg, HydraConfig.get().runtime.output_dir)
+    value = metrics.get("r_1min")
+    return float("nan") if value is None else float(value)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,8 @@ def test_targets_are_present_and_decided(quick_report):
 def test_extraction_contenders_agree_and_memory_is_measured(quick_report):
     stage = quick_report["stages"]["extract"]
     names = {m["name"] for m in stage["measurements"]}
-    assert names == {
-        f"{c} {f}" for c in ("floor", "nilearn", "painnet") for f in (".nii.gz", ".nii")
-    }
+    assert names >= {"floor .nii", "nilearn .nii", "painnet .nii", "floor zlib .nii.gz"}
+    assert names >= {"nilearn .nii.gz", "painnet .nii.gz", "painnet zlib .nii.gz"}
     for m in stage["measurements"]:
         assert m["peak_mem_mb"] is not None and m["peak_mem_mb"] >= 0
     for check in stage["checks"].values():  # painnet and nilearn computed the same means

@@ -71,7 +71,7 @@ def test_second_datamodule_setup_reuses_the_cache(make_cfg, tiny_root, tmp_path,
     def must_not_extract(*args, **kwargs):
         raise AssertionError("extraction ran again although the cache holds every run")
 
-    monkeypatch.setattr(preprocess, "extract_parcel_series", must_not_extract)
+    monkeypatch.setattr(preprocess, "extract_parcels", must_not_extract)
     again = instantiate(cfg.data, split=cfg.split, _recursive_=False)
     again.prepare_data()
     again.setup("fit")
@@ -84,3 +84,122 @@ def test_second_datamodule_setup_reuses_the_cache(make_cfg, tiny_root, tmp_path,
     )
     other.prepare_data()
     other.setup("fit")
+
+
+# --------------------------------------------------------------------------- non-finite voxels
+
+
+def _nan_run(tmp_path, name: str, bold_data, fd):
+    import nibabel as nib
+    import pandas as pd
+
+    from painnet.data.types import RunFiles, RunKey
+
+    bold = tmp_path / f"sub-01_ses-{name}_task-rating_run-1_bold.nii.gz"
+    nib.save(nib.Nifti1Image(bold_data, np.eye(4)), bold)
+    confounds = tmp_path / f"sub-01_ses-{name}_task-rating_run-1_desc-confounds_timeseries.tsv"
+    pd.DataFrame({"framewise_displacement": fd}).to_csv(confounds, sep="\t", index=False)
+    return RunFiles(
+        key=RunKey("01", name, "rating", "1"),
+        bold=bold,
+        bold_json=None,
+        confounds=confounds,
+        ratings=tmp_path / "unused_ratings.tsv.gz",
+        ratings_json=tmp_path / "unused_ratings.json",
+        kind="nifti",
+        tr=1.0,
+    )
+
+
+@pytest.fixture
+def nan_runs(tmp_path):
+    """Two runs with the same voxels except frames 7 and 20: in ``nan`` a voxel inside a
+    parcel is NaN there; in ``moved`` those frames hold wild finite values and high motion."""
+    from painnet.data.atlas import Atlas
+
+    rng = np.random.default_rng(0)
+    data = (100 + 10 * rng.normal(size=(4, 4, 3, 40))).astype(np.float32)
+    labels = np.zeros((4, 4, 3), dtype=np.int32)
+    labels[:2], labels[2:] = 1, 2
+    atlas = Atlas("halves", "volume", labels, np.eye(4), np.array([1, 2]), ["a", "b"], None)
+    bad_frames = [7, 20]
+    with_nan, moved = data.copy(), data.copy()
+    with_nan[1, 1, 1, bad_frames] = np.nan
+    with_nan[3, 0, 2, 20] = np.inf
+    moved[..., bad_frames] = 1e4
+    fd_moved = np.zeros(40)
+    fd_moved[bad_frames] = 5.0
+    nan = _nan_run(tmp_path, "nan", with_nan, np.zeros(40))
+    high_motion = _nan_run(tmp_path, "moved", moved, fd_moved)
+    return atlas, nan, high_motion, bad_frames
+
+
+def test_frames_with_non_finite_voxels_are_censored_like_motion(nan_runs, tmp_path):
+    from painnet.data.clean import CleanConfig
+
+    atlas, nan, high_motion, bad_frames = nan_runs
+    cache = ArrayCache(tmp_path / "cache")
+    clean = CleanConfig(motion=0, wm_csf=False, drop_initial_s=0.0, fd_threshold=0.5)
+    censored = preprocess.clean_cached(nan, atlas, clean, cache)
+    moved = preprocess.clean_cached(high_motion, atlas, clean, cache)
+    assert np.flatnonzero(~censored["kept"]).tolist() == bad_frames
+    np.testing.assert_array_equal(censored["kept"], moved["kept"])
+    # the NaN frames leave no trace on the kept ones: same result as censored high motion
+    # (up to the float32 rounding of the raw means, ~1e-6 after z-scoring)
+    np.testing.assert_allclose(censored["series"], moved["series"], atol=1e-5)
+    assert np.isfinite(censored["series"]).all()
+
+
+def test_non_finite_counts_are_cached_and_reported(nan_runs, tmp_path, monkeypatch, caplog):
+    import pandas as pd
+
+    from painnet.data.clean import CleanConfig
+
+    atlas, nan, high_motion, _ = nan_runs
+    cache = ArrayCache(tmp_path / "cache")
+    clean = CleanConfig(motion=0, wm_csf=False, drop_initial_s=0.0, fd_threshold=0.5)
+    preprocess.prepare_runs([nan, high_motion], atlas, clean, cache, progress=False)
+    entry = cache.load(preprocess.extraction_key(nan, atlas))
+    expected = np.zeros(40, dtype=np.int64)
+    expected[[7, 20]] = [1, 2]
+    np.testing.assert_array_equal(entry["non_finite"], expected)
+
+    def must_not_extract(*args, **kwargs):
+        raise AssertionError("the counts must come from the cache")
+
+    monkeypatch.setattr(preprocess, "extract_parcels", must_not_extract)
+    qc_path = tmp_path / "report" / "qc.tsv"
+    preprocess.write_qc_table(qc_path, [nan, high_motion], atlas, clean, cache)
+    table = pd.read_csv(qc_path, sep="\t")
+    assert list(table.columns) == list(preprocess.QC_COLUMNS)
+    assert table["run"].tolist() == [
+        "sub-01_ses-nan_task-rating_run-1",
+        "sub-01_ses-moved_task-rating_run-1",
+    ]
+    assert table["n_frames_non_finite"].tolist() == [2, 0]
+    assert table["n_values_non_finite"].tolist() == [3, 0]
+    assert table["n_kept"].tolist() == [38, 38]
+    assert not list(qc_path.parent.glob("*.tmp-*"))
+    # every load says so again, not only the first extraction
+    with caplog.at_level("WARNING", logger="painnet.data.preprocess"):
+        preprocess._log_non_finite(nan, entry["non_finite"])
+    assert "2 frames censored for 3 non-finite values" in caplog.text
+    assert nan.bold.name in caplog.text
+
+
+def test_a_run_of_non_finite_frames_is_an_error_naming_the_cause(nan_runs, tmp_path):
+    from painnet.data.clean import CleanConfig
+
+    atlas, nan, _, _ = nan_runs
+    import nibabel as nib
+
+    data = np.asarray(nib.load(nan.bold).dataobj).copy()
+    data[0, 0, 0, :] = np.nan  # a voxel inside parcel "a", NaN in every frame
+    nib.save(nib.Nifti1Image(data, np.eye(4)), nan.bold)
+    clean = CleanConfig(motion=0, wm_csf=False, drop_initial_s=0.0, fd_threshold=0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"nan_task-rating_run-1_bold\.nii\.gz: only 0 frames.*"
+        r"40 frames with non-finite values",
+    ):
+        preprocess.clean_cached(nan, atlas, clean, ArrayCache(tmp_path / "cache"))

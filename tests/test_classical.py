@@ -207,18 +207,22 @@ def test_prepared_samples_average_edges_and_ratings_per_decile():
 
 
 def _edge_space_fit(x: np.ndarray, y: np.ndarray, k: int):
-    """The straightforward pipeline: sklearn PCA on explicit features → lasso_path → OLS."""
+    """The straightforward pipeline: sklearn PCA on explicit features → lasso_path on the
+    standardised PC scores (as the study's MATLAB ``lasso``) → OLS on the raw scores."""
     pca = PCA(svd_solver="full").fit(x)
     scores = pca.transform(x)
+    keep = pca.explained_variance_ > 1e-9 * pca.explained_variance_[0]
+    scores = scores[:, keep]
+    standardised = StandardScaler().fit_transform(scores)
     yc = y - y.mean()
-    _, coefs, _ = lasso_path(scores, yc, alphas=100, eps=1e-3)
+    _, coefs, _ = lasso_path(standardised, yc, alphas=100, eps=1e-9)
     nonzero = coefs != 0
     entered = np.flatnonzero(nonzero.any(1))
-    strength = np.abs(scores.T @ yc)
+    strength = np.abs(standardised.T @ yc)
     order = entered[np.lexsort((-strength[entered], nonzero[entered].argmax(1)))]
     sel = order[:k]
     ols = LinearRegression().fit(scores[:, sel], y)
-    w = pca.components_[sel].T @ ols.coef_
+    w = pca.components_[keep][sel].T @ ols.coef_
     return w, ols.intercept_ - pca.mean_ @ w
 
 

@@ -75,3 +75,52 @@ def test_batches_equal_item_by_item_fetching(dm):
     batch = ds.__getitems__(idx)
     for j, i in enumerate(idx):
         torch.testing.assert_close(batch["x"][j], ds[i]["x"])
+
+
+# Cleaning that reads nothing from fMRIPrep's confounds table.
+NO_CONFOUNDS = (
+    "data.clean.motion=0",
+    "data.clean.wm_csf=false",
+    "data.clean.n_acompcor=0",
+    "data.clean.global_signal=false",
+    "data.clean.fd_threshold=null",
+)
+
+
+@pytest.mark.parametrize(
+    "reads_confounds",
+    [
+        "data.clean.n_wm_compcor=5",
+        "data.clean.n_csf_compcor=5",
+        "data.clean.fd_source=motion",
+        "data.clean.motion=6",
+        "data.clean.wm_csf=true",
+        "data.clean.n_acompcor=2",
+        "data.clean.global_signal=true",
+        "data.clean.fd_threshold=0.5",
+    ],
+)
+def test_a_run_without_its_confounds_table_is_an_error_when_cleaning_reads_it(
+    reads_confounds, make_cfg, tiny_root, tmp_path
+):
+    """Every setting that takes a column from the confounds table (regressors, tissue
+    aCompCor, FD censoring, FD computed from the motion columns) makes the table required:
+    discovery names the missing file instead of cleaning without it."""
+    import shutil
+
+    from painnet.data.bids import BIDSError
+
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    missing = next(root.rglob("*_desc-confounds_timeseries.tsv"))
+    missing.unlink()
+    cfg = make_cfg("data=tiny", f"data.root={root}", *NO_CONFOUNDS, reads_confounds)
+    module = instantiate(cfg.data, split=cfg.split, _recursive_=False)
+    with pytest.raises(BIDSError, match=f"confounds file missing.*{missing.name}"):
+        module._discover()
+
+
+def test_cleaning_that_reads_no_confounds_does_not_require_the_table(make_cfg, tiny_root):
+    cfg = make_cfg("data=tiny", *NO_CONFOUNDS)
+    module = instantiate(cfg.data, split=cfg.split, _recursive_=False)
+    assert module.discovery["require_confounds"] is False

@@ -167,8 +167,8 @@ def test_run_and_session_bins_average_all_usable_frames():
 
 
 def test_missing_columns_are_named_in_the_error():
-    table = make_table(n_sessions=1).drop(columns=["prediction", "fold"])
-    with pytest.raises(ValueError, match=r"prediction.*fold|fold.*prediction"):
+    table = make_table(n_sessions=1).drop(columns=["prediction", "time_s"])
+    with pytest.raises(ValueError, match=r"time_s.*prediction|prediction.*time_s"):
         bin_predictions(table, "1min")
 
 
@@ -351,6 +351,12 @@ FLAT_SUFFIXES = (
     "auc_{s}_ci_low",
     "auc_{s}_ci_high",
     "auc_{s}_p",
+    "within_run_r_{s}_ci_low",
+    "within_run_r_{s}_ci_high",
+    "within_run_r_{s}_p",
+    "within_session_r_{s}_ci_low",
+    "within_session_r_{s}_ci_high",
+    "within_session_r_{s}_p",
 )
 
 

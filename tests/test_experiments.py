@@ -8,7 +8,6 @@ session held out once, identical test frames across compared models, resumable r
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,9 @@ import pytest
 
 from painnet.experiments import aggregate as aggregate_module
 from painnet.experiments.aggregate import aggregate
-from painnet.experiments.jobs import plan_jobs, tracking_overrides
+from painnet.experiments.jobs import tracking_overrides
 from painnet.experiments.learning_curve import learning_curve, size_summary
-from painnet.experiments.runner import run_experiment, run_sweep_job
+from painnet.experiments.runner import make_study, run_experiment, run_sweep_job
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = (
@@ -40,6 +39,16 @@ def read_predictions(job_dir: Path) -> pd.DataFrame:
     return pd.read_csv(job_dir / "predictions.csv", dtype={"subject": str, "session": str})
 
 
+def job_dir(experiment: Path, model: str, split: str) -> Path:
+    """The folder of ``model``'s job on ``split``: ``<model>-<hash>/<split>``."""
+    (found,) = experiment.glob(f"{model}-??????/{split}")
+    return found
+
+
+def plan_jobs(cfg, sessions):
+    return make_study(cfg).plan_all(cfg, sessions)
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -47,7 +56,9 @@ def test_plans_cover_every_fold_model_and_training_size(make_cfg):
     within = make_cfg("experiment=within_subject", "study.models=[ridge,convattn]")
     jobs = plan_jobs(within, TINY_SESSIONS)
     assert len(jobs) == 2 * 3 * 2
-    assert {j.name for j in jobs} >= {"ridge/loso_sub-01_fold-0", "convattn/loso_sub-02_fold-2"}
+    names = {(j.model, j.split_name) for j in jobs}
+    assert names >= {("ridge", "loso_sub-01_fold-0"), ("convattn", "loso_sub-02_fold-2")}
+    assert all(j.name == f"{j.variant}/{j.split_name}" for j in jobs)
 
     size = make_cfg("experiment=data_size", "study.repeats=4", "study.subjects=[01]")
     grid = {
@@ -69,7 +80,7 @@ def test_bad_experiment_settings_fail_with_clear_errors(make_cfg):
         plan_jobs(make_cfg("experiment=within_subject", "study.subjects=[07]"), TINY_SESSIONS)
     with pytest.raises(ValueError, match="study.n_train"):
         plan_jobs(make_cfg("experiment=data_size", "study.n_train=[5]"), TINY_SESSIONS)
-    with pytest.raises(FileNotFoundError, match="no model config"):
+    with pytest.raises(ValueError, match="no model config"):
         plan_jobs(make_cfg("experiment=within_subject", "study.models=[nope]"), TINY_SESSIONS)
 
 
@@ -105,7 +116,7 @@ def test_within_subject_loop_aggregates_and_a_rerun_skips_finished_jobs(
     # the pooled table of one participant holds each of its sessions exactly once per model
     for model in ("ridge", "convattn"):
         sessions = [
-            read_predictions(exp / model / f"loso_sub-01_fold-{k}").session.unique().tolist()
+            read_predictions(job_dir(exp, model, f"loso_sub-01_fold-{k}")).session.unique().tolist()
             for k in range(3)
         ]
         assert sorted(s for fold in sessions for s in fold) == ["01", "02", "03"]
@@ -116,24 +127,24 @@ def test_within_subject_loop_aggregates_and_a_rerun_skips_finished_jobs(
     assert comparison[["diff", "ci_low", "ci_high", "p"]].notna().all().all()
 
     # rerun: nothing retrains, outputs untouched
-    marker = exp / "ridge" / "loso_sub-02_fold-1" / "metrics.json"
+    marker = job_dir(exp, "ridge", "loso_sub-02_fold-1") / "DONE.json"
     stamp = marker.stat().st_mtime_ns
     again = run_experiment(cfg, exp)
     assert again["ran"] == 0 and again["skipped"] == 12
     assert marker.stat().st_mtime_ns == stamp
 
-    # an interrupted job (no metrics.json yet) is the only one trained again
+    # an interrupted job (no DONE.json yet) is the only one trained again
     marker.unlink()
     third = run_experiment(cfg, exp)
     assert third["ran"] == 1
-    assert [r.job.name for r in third["jobs"] if r.ran] == ["ridge/loso_sub-02_fold-1"]
+    assert [r.directory for r in third["jobs"] if r.ran] == [marker.parent]
 
 
 def test_sweep_jobs_match_the_loop_and_aggregate_from_the_command_line(
     make_cfg, tiny_root, tmp_path
 ):
     sweep = tmp_path / "sweep"
-    for k, (subject, fold) in enumerate([(s, f) for s in ("01", "02") for f in range(3)]):
+    for subject, fold in [(s, f) for s in ("01", "02") for f in range(3)]:
         cfg = make_cfg(
             *FAST,
             "experiment=within_subject",
@@ -141,14 +152,13 @@ def test_sweep_jobs_match_the_loop_and_aggregate_from_the_command_line(
             f"split.subject={subject}",
             f"split.fold={fold}",
         )
-        run_sweep_job(cfg, sweep / f"{k}_split.fold={fold},split.subject={subject}", sweep)
+        run_sweep_job(cfg, sweep)
 
-    job = sweep / "4_split.fold=1,split.subject=02"
-    # metrics.json (the "finished" marker) appears last: its ctime (set when it is moved into
-    # place) is not older than any other output's
-    others = [p for p in job.iterdir() if p.is_file() and p.name != "metrics.json"]
-    assert max(p.stat().st_ctime_ns for p in others) <= (job / "metrics.json").stat().st_ctime_ns
-    assert not (job / ".evaluation").exists()
+    job = job_dir(sweep, "ridge", "loso_sub-02_fold-1")
+    # DONE.json (the "finished" marker) appears last: its ctime is not older than any output's
+    others = [p for p in job.iterdir() if p.is_file() and p.name != "DONE.json"]
+    assert max(p.stat().st_ctime_ns for p in others) <= (job / "DONE.json").stat().st_ctime_ns
+    assert not (job / ".staging").exists() and not (job / ".lock").exists()
 
     aggregate_module.main([str(sweep), "--n-boot", "50", "--no-plots"])
     table = pd.read_csv(sweep / "aggregate" / "within_subject.csv", dtype={"subject": str})
@@ -157,7 +167,8 @@ def test_sweep_jobs_match_the_loop_and_aggregate_from_the_command_line(
     loop = tmp_path / "loop"
     run_experiment(make_cfg(*FAST, "experiment=within_subject", "model=ridge"), loop)
     a = read_predictions(job)
-    b = read_predictions(loop / "ridge" / "loso_sub-02_fold-1")
+    b = read_predictions(job_dir(loop, "ridge", "loso_sub-02_fold-1"))
+    assert job.relative_to(sweep) == job_dir(loop, "ridge", "loso_sub-02_fold-1").relative_to(loop)
     np.testing.assert_allclose(a.prediction, b.prediction)
 
 
@@ -174,7 +185,7 @@ def test_cross_subject_tests_every_session_of_the_other_participant(make_cfg, ti
         ("02", "01"),
     }
     assert (cross.n_sessions == 3).all()
-    job = exp / "ridge" / "cross_train-01_test-02"
+    job = job_dir(exp, "ridge", "cross_train-01_test-02")
     split = json.loads((job / "split.json").read_text())
     assert sorted(s for _, s in split["train"] + split["val"]) == ["01", "02", "03"]
     table = read_predictions(job)
@@ -208,7 +219,7 @@ def test_data_size_evaluates_the_n_by_repeat_grid(make_cfg, tiny_root, tmp_path)
     # each (n, repeat) pools its 3 outer folds: every session held out once
     assert (repeats.n_folds == 3).all() and (repeats.n_sessions == 3).all()
     # classical models train on exactly n sessions (no validation session folded in)
-    for job in (exp / "ridge").iterdir():
+    for job in job_dir(exp, "ridge", "*fold-0_n-1_rep-0_random").parent.iterdir():
         split = json.loads((job / "split.json").read_text())
         n = int(job.name.split("_n-")[1].split("_")[0])
         assert len(split["train"]) + len(split["val"]) == n
@@ -257,23 +268,22 @@ def test_learning_curve_finds_the_smallest_significant_n_and_the_slope():
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def test_finetune_pretrains_once_per_participant_on_identical_folds(
-    make_cfg, tiny_root, tmp_path, caplog
-):
+def test_finetune_pretrains_once_per_participant_on_identical_folds(make_cfg, tiny_root, tmp_path):
     exp = tmp_path / "finetune"
     cfg = make_cfg(*FAST, "experiment=finetune", "finetune.pretrain_epochs=1", "study.folds=[0,2]")
-    with caplog.at_level(logging.INFO, logger="painnet.experiments.runner"):
-        outcome = run_experiment(cfg, exp)
-    pretrained = [r for r in caplog.records if r.getMessage().startswith("pretrained for")]
-    assert len(pretrained) == 2  # one per participant, not one per fold
-    assert outcome["ran"] == 2 * 2 * 2  # participants × folds × arms
+    outcome = run_experiment(cfg, exp)
+    pretrain_jobs = [r for r in outcome["jobs"] if r.job.group == "pretrain"]
+    assert len(pretrain_jobs) == 2  # one per participant, not one per fold
+    assert outcome["ran"] == 2 + 2 * 2 * 2  # pretraining + participants × folds × arms
 
     for subject in ("01", "02"):
-        ckpt = exp / "pretrain" / f"convattn_sub-{subject}" / "pretrained.ckpt"
+        other = "02" if subject == "01" else "01"
+        pre = job_dir(exp / "pretrain", "convattn", f"cross_train-{other}_test-{subject}")
+        ckpt = pre / "checkpoints" / "best.ckpt"
         assert ckpt.is_file()
         for fold in (0, 2):
-            tuned = exp / "convattn_ft-all" / f"loso_sub-{subject}_fold-{fold}"
-            scratch = exp / "convattn" / f"loso_sub-{subject}_fold-{fold}"
+            tuned = job_dir(exp, "convattn_ft-all", f"loso_sub-{subject}_fold-{fold}")
+            scratch = job_dir(exp, "convattn", f"loso_sub-{subject}_fold-{fold}")
             job = (tuned / "job.yaml").read_text()
             assert f"pretrained_ckpt: {ckpt}" in job
             a, b = read_predictions(tuned), read_predictions(scratch)
@@ -295,7 +305,7 @@ def test_finetune_pretrains_once_per_participant_on_identical_folds(
 def test_aggregate_refuses_a_folder_without_finished_jobs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such experiment folder"):
         aggregate(tmp_path / "missing")
-    (tmp_path / "half" / "job").mkdir(parents=True)
+    (tmp_path / "half" / "job").mkdir(parents=True)  # a killed job: outputs, no DONE.json
     (tmp_path / "half" / "job" / "predictions.csv").write_text("subject\n")
     with pytest.raises(FileNotFoundError, match="no finished job folder"):
         aggregate(tmp_path / "half")
@@ -332,3 +342,61 @@ def test_train_py_multirun_aggregates_when_the_sweep_ends(tiny_root, data_dir, c
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     table = pd.read_csv(sweep / "aggregate" / "within_subject.csv", dtype={"subject": str})
     assert list(table.subject) == ["01", "02"] and (table.n_folds == 3).all()
+
+
+# --------------------------------------------------------------------------- quality control
+
+QC_COLUMNS = ["run", "bold", "n_frames", "n_kept", "n_frames_non_finite", "n_values_non_finite"]
+
+
+def test_every_job_publishes_its_runs_quality_control_table(make_cfg, tiny_root, tmp_path):
+    """qc.tsv: one row per run of the job's split (train, validation and test sessions) with
+    its frames, kept frames and frames/values censored for non-finite voxels."""
+    from painnet.experiments.single import run_single
+
+    out = tmp_path / "job"
+    cfg = make_cfg(*FAST, "model=ridge", "split=loso", "split.fold=0", output_dir=out)
+    run_single(cfg, out)
+    qc = pd.read_csv(out / "qc.tsv", sep="\t")
+    assert list(qc.columns) == QC_COLUMNS
+    assert len(qc) == 3 * 2  # sub-01: 3 sessions x 2 runs
+    assert qc["run"].str.startswith("sub-01_").all()
+    assert (qc.n_kept <= qc.n_frames).all() and (qc.n_kept > 0).all()
+    assert (qc.n_frames_non_finite == 0).all()
+
+
+def test_frames_censored_for_non_finite_voxels_are_counted_and_logged(
+    make_cfg, tiny_root, tmp_path, caplog
+):
+    import shutil
+
+    import nibabel as nib
+    from hydra.utils import instantiate
+
+    root = shutil.copytree(tiny_root, tmp_path / "ds")
+    bold = next(root.rglob("sub-01_ses-01_task-rating_run-1_*_desc-preproc_bold.nii.gz"))
+    img = nib.load(bold)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    labels = np.asarray(nib.load(next(root.rglob("*_dseg.nii.gz"))).dataobj)
+    i, j, k = np.argwhere(labels > 0)[0]  # a voxel inside a parcel
+    data[i, j, k, 100:103] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), bold)
+    cfg = make_cfg(
+        "data=tiny",
+        f"data.root={root}",
+        "data.simulate=null",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "split=loso",
+        "split.fold=0",
+    )
+    dm = instantiate(cfg.data, split=cfg.split, _recursive_=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="painnet.data.datamodule"):
+        qc = dm.write_qc_table(tmp_path / "qc.tsv")
+    row = qc.set_index("run").loc["sub-01_ses-01_task-rating_run-1"]
+    assert row.n_frames_non_finite == 3
+    assert (qc.drop(index=qc.index[qc.run == row.name]).n_frames_non_finite == 0).all()
+    assert "censored for non-finite" in caplog.text
+    assert "sub-01_ses-01_task-rating_run-1 (3)" in caplog.text
+    assert pd.read_csv(tmp_path / "qc.tsv", sep="\t").equals(qc)

@@ -123,6 +123,115 @@ def test_non_finite_voxels_count_as_zero_like_nilearn(tmp_path, labels_path, atl
     np.testing.assert_allclose(series, _nilearn_means(bold, labels_path), rtol=1e-5, atol=1e-6)
 
 
+def test_non_finite_values_are_counted_per_frame(tmp_path, labels_path, atlas):
+    data = np.random.default_rng(3).normal(size=SHAPE + (6,)).astype(np.float32)
+    labels = np.asarray(nib.load(labels_path).dataobj)
+    inside = np.argwhere(labels > 0)[:3]  # three voxels inside parcels
+    outside = tuple(np.argwhere(labels == 0)[0])
+    data[tuple(inside[0])][:] = np.nan  # every frame
+    data[tuple(inside[1])][2] = np.inf
+    data[tuple(inside[2])][2] = -np.inf
+    data[outside][4] = np.nan  # outside every parcel: not counted
+    for suffix in (".nii", ".nii.gz"):
+        bold = tmp_path / f"nan_bold{suffix}"
+        nib.save(nib.Nifti1Image(data, _affine()), bold)
+        out = extract.extract_parcels(bold, atlas)
+        np.testing.assert_array_equal(out.non_finite, [1, 1, 3, 1, 1, 1])
+        assert np.isfinite(out.series).all()
+
+
+def test_xcpd_tsv_non_finite_cells_are_zero_and_counted(tmp_path):
+    path = tmp_path / "sub-01_timeseries.tsv"
+    path.write_text("V1\tM1\n1.0\tn/a\n2.0\t5.0\nnan\tinf\n")
+    out = extract.extract_parcels(path, None)
+    np.testing.assert_array_equal(out.non_finite, [1, 0, 2])
+    np.testing.assert_array_equal(out.series, [[1.0, 0.0], [2.0, 5.0], [0.0, 0.0]])
+
+
+def test_uncompressed_nifti_is_the_same_mapped_or_read(tmp_path, labels_path, atlas, monkeypatch):
+    bold = _write_bold(tmp_path / "bold.nii", dtype=np.int16)
+    monkeypatch.setattr(extract, "MAP_BUDGET_BYTES", 3 * SHAPE[0] * SHAPE[1] * SHAPE[2] * 2)
+    mapped = extract.extract_parcels(bold, atlas, chunk_frames=2)
+
+    def no_mmap(*args, **kwargs):
+        raise OSError("this file system cannot map files")
+
+    monkeypatch.setattr(extract._MappedFrames, "_map", no_mmap)
+    read = extract.extract_parcels(bold, atlas, chunk_frames=2)
+    assert mapped.series.tobytes() == read.series.tobytes()
+    np.testing.assert_allclose(mapped.series, _nilearn_means(bold, labels_path), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- gzip backends
+
+BACKENDS = sorted(extract.GZIP_BACKENDS)
+
+
+def test_isal_is_used_when_installed():
+    try:
+        import isal  # noqa: F401
+    except ImportError:
+        assert extract.GZIP_BACKEND == "zlib"
+    else:
+        assert extract.GZIP_BACKEND == "isal"
+
+
+@pytest.mark.skipif("isal" not in extract.GZIP_BACKENDS, reason="isal is not installed")
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_isal_and_zlib_give_byte_identical_series(tmp_path, atlas, monkeypatch, dtype):
+    plain = _write_bold(tmp_path / "bold.nii", dtype=dtype)
+    raw = plain.read_bytes()
+    single = tmp_path / "single.nii.gz"
+    single.write_bytes(gzip.compress(raw, compresslevel=6))
+    multi = tmp_path / "multi.nii.gz"  # members cut mid-frame, zero padding between them
+    multi.write_bytes(
+        gzip.compress(raw[:1001]) + b"\x00" * 3 + gzip.compress(raw[1001:], compresslevel=1)
+    )
+    series = {}
+    for backend in ("isal", "zlib"):
+        monkeypatch.setattr(extract, "GZIP_BACKEND", backend)
+        for path in (single, multi):
+            out = extract.extract_parcels(path, atlas, chunk_frames=3)
+            series[backend, path.name] = out.series.tobytes()
+    reference = extract.extract_parcels(plain, atlas).series.tobytes()
+    assert set(series.values()) == {reference}
+
+
+def _gzip_variants(tmp_path) -> dict:
+    whole = gzip.compress(_write_bold(tmp_path / "whole.nii").read_bytes(), compresslevel=1)
+    crc = bytearray(whole)
+    crc[-8] ^= 0xFF  # the member's CRC-32
+    length = bytearray(whole)
+    length[-2] ^= 0xFF  # the member's uncompressed length
+    return {
+        "truncated": (whole[: len(whole) // 2], "gzip stream is truncated"),
+        "bad_crc": (bytes(crc), "corrupt gzip data"),
+        "bad_length": (bytes(length), "corrupt gzip data"),
+        "trailing_garbage": (whole + b"\x00\x00garbage after the member", "corrupt gzip data"),
+        "second_member_truncated": (whole + whole[:200], "gzip stream is truncated"),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case", ["truncated", "bad_crc", "bad_length", "trailing_garbage", "second_member_truncated"]
+)
+def test_broken_gzip_fails_the_same_with_every_backend(tmp_path, atlas, monkeypatch, backend, case):
+    monkeypatch.setattr(extract, "GZIP_BACKEND", backend)
+    data, message = _gzip_variants(tmp_path)[case]
+    path = tmp_path / f"{case}_bold.nii.gz"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{case}_bold\.nii\.gz: {message}"):
+        extract.extract_parcels(path, atlas, chunk_frames=4)
+
+
+def test_unknown_gzip_backend_is_named(tmp_path, atlas, monkeypatch):
+    bold = _write_bold(tmp_path / "bold.nii.gz")
+    monkeypatch.setattr(extract, "GZIP_BACKEND", "zstd")
+    with pytest.raises(ValueError, match="gzip backend 'zstd' is not available"):
+        extract.extract_parcels(bold, atlas)
+
+
 def test_multi_member_gzip_is_read_whole(tmp_path, labels_path, atlas):
     plain = _write_bold(tmp_path / "bold.nii")
     raw = plain.read_bytes()
@@ -278,12 +387,15 @@ def test_nifti_needs_an_atlas_and_known_suffix(tmp_path):
 # --------------------------------------------------------------------------- memory
 
 
-def test_peak_memory_is_a_small_fraction_of_the_run(tmp_path):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_peak_memory_is_a_small_fraction_of_the_run(tmp_path, suffix):
+    """Allocations stay small (a .nii is also mapped only MAP_BUDGET_BYTES at a time, which
+    tracemalloc does not see)."""
     shape = (64, 64, 40, 120)  # 78.6 MB of float32 once decompressed
     rng = np.random.default_rng(5)
     data = np.zeros(shape, dtype=np.float32)
     data[8:56, 8:56, 5:35] = rng.normal(size=(48, 48, 30, shape[3])).astype(np.float32)
-    bold = tmp_path / "big_bold.nii.gz"
+    bold = tmp_path / f"big_bold{suffix}"
     nib.save(nib.Nifti1Image(data, np.eye(4)), bold)
     decompressed = data.nbytes
     labels = np.zeros(shape[:3], dtype=np.int16)
@@ -307,4 +419,6 @@ def test_peak_memory_is_a_small_fraction_of_the_run(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 0.25 * decompressed, f"peak {peak / 1e6:.1f} MB"
-    np.testing.assert_allclose(series[:, 6], expected, rtol=1e-5)
+    # voxels ~ N(0, 1): lanes of 8 voxels are added in float32, so a mean is exact to ~1e-8 of
+    # the voxels' scale (the float32 output's own rounding); rtol alone fails means near 0
+    np.testing.assert_allclose(series[:, 6], expected, rtol=1e-5, atol=1e-7)

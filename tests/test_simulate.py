@@ -369,3 +369,26 @@ def test_cli_writes_a_dataset_with_overrides(sim_dir, capsys):
     )
     assert main([str(root), "--set", "bogus=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# The dataset folder of data=<preset> depends on every simulation parameter (issue 10, 6)
+# ------------------------------------------------------------------------------------------
+def test_a_simulation_override_gets_its_own_folder(make_cfg, data_dir):
+    plain = make_cfg("data=tiny").data.root
+    same = make_cfg("data=tiny", "+data.simulate.n_parcels=12", "+data.simulate.tr=0.46").data.root
+    other = make_cfg("data=tiny", "+data.simulate.n_parcels=40").data.root
+    other_float = make_cfg("data=tiny", "+data.simulate.n_parcels=40.0").data.root
+    two = make_cfg("data=tiny", "+data.simulate.n_parcels=40", "+data.simulate.n_runs=3").data.root
+    seeded = make_cfg("data=tiny", "data.simulate.seed=1", "+data.simulate.n_parcels=40").data.root
+
+    assert plain == same == str(data_dir / "sim-tiny-seed0")  # the preset's own values: no hash
+    assert other == other_float  # coerced as the simulator does: 40 == 40.0
+    assert other.startswith(plain + "-") and len({plain, other, two}) == 3
+    assert seeded.startswith(str(data_dir / "sim-tiny-seed1-"))
+
+
+def test_an_unknown_simulation_override_is_an_error_naming_it(make_cfg):
+    cfg = make_cfg("data=tiny", "+data.simulate.n_parcel=40")
+    with pytest.raises(Exception, match="n_parcel.*valid keys"):
+        _ = cfg.data.root

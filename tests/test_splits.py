@@ -10,6 +10,7 @@ from painnet.data.splits import (
     data_size_split,
     loso_split,
     make_split,
+    splitter,
 )
 
 SESSIONS = {"01": [f"{i:02d}" for i in range(1, 9)], "02": [f"{i:02d}" for i in range(1, 7)]}
@@ -63,8 +64,25 @@ def test_a_session_in_two_roles_is_rejected():
         Split("bad", train=(("01", "01"),), val=(), test=(("01", "01"),))
 
 
-def test_make_split_reads_hydra_style_configs():
-    split = make_split({"kind": "loso", "subject": "sub-02", "fold": 1, "n_val": 1}, SESSIONS)
+def test_make_split_builds_the_target_object_of_a_split_config():
+    loso = {"_target_": "painnet.data.splits.LeaveOneSessionOut", "subject": "sub-02", "fold": 1}
+    split = make_split({**loso, "n_val": 1}, SESSIONS)
     assert split.test == (("02", "02"),)
-    with pytest.raises(ValueError, match="unknown split kind"):
-        make_split({"kind": "random_windows"}, SESSIONS)
+    assert splitter(loso).kind == "loso"
+    with pytest.raises(ValueError, match="_target_"):
+        make_split({"kind": "loso"}, SESSIONS)
+
+
+@pytest.mark.parametrize("name", ["loso", "cross_subject", "data_size"])
+def test_every_split_config_composes_into_a_split(make_cfg, name):
+    cfg = make_cfg(f"split={name}")
+    split = make_split(cfg.split, SESSIONS)
+    assert roles_are_disjoint(split) and split.train and split.test
+    assert splitter(cfg.split).kind == name
+
+
+def test_a_cross_subject_split_without_a_test_participant_is_an_error():
+    one = {"01": SESSIONS["01"]}
+    config = {"_target_": "painnet.data.splits.CrossSubject", "train_subjects": ["01"]}
+    with pytest.raises(ValueError, match="split.test_subjects.*at least 2 participants"):
+        make_split(config, one)

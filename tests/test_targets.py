@@ -30,7 +30,7 @@ def test_study_lag_is_13_frames():
 def test_ramp_lands_on_the_expected_frames_after_the_lag(tmp_path):
     fs, start, n_frames = 60.0, -2.0, 200
     t = start + np.arange(int((n_frames * TR - start) * fs) + 1) / fs
-    files = write_ratings(tmp_path, t / 100.0, fs, start)  # rating = time / 100
+    files = write_ratings(tmp_path, (t - start) / 100.0, fs, start)  # rating = (time + 2) / 100
 
     target = run_targets(files, n_frames, lag_s=6.0)
 
@@ -38,7 +38,7 @@ def test_ramp_lands_on_the_expected_frames_after_the_lag(tmp_path):
     frames = np.arange(13, n_frames)
     # a frame's rating is the mean over its interval: the ramp at the interval centre
     rated_frame = frames - 13
-    expected = (rated_frame * TR + TR / 2) / 100.0
+    expected = (rated_frame * TR + TR / 2 - start) / 100.0
     np.testing.assert_allclose(target[frames], expected, atol=1.0 / fs / 100.0)
 
 
@@ -69,3 +69,34 @@ def test_lagged_targets_shift_without_wrapping():
     np.testing.assert_array_equal(target[3:], np.arange(7.0))
     with pytest.raises(ValueError):
         lagged_targets(np.arange(3.0), -1)
+
+
+def test_midpoint_alignment_interpolates_at_frame_centres_like_the_study():
+    # cocoanlab/DEIPP analysis/analysis_rating.m:74-75: interp1(time, rating, onset + TR/2 …)
+    fs, start, n_frames = 60.0, -2.0, 100
+    rng = np.random.default_rng(0)
+    samples = np.clip(np.cumsum(rng.normal(0, 0.01, int(50 * fs))) + 0.5, 0, 1)
+    times = start + np.arange(samples.size) / fs
+    centres = np.arange(n_frames) * TR + TR / 2
+
+    per_frame = frame_ratings(samples, fs, start, n_frames, TR, alignment="midpoint")
+
+    inside = centres <= times[-1]
+    np.testing.assert_allclose(per_frame[inside], np.interp(centres[inside], times, samples))
+    assert np.isnan(per_frame[~inside]).all()  # never extrapolated
+
+
+def test_gaps_longer_than_the_limit_leave_frames_uncovered_in_both_alignments():
+    fs = 10.0
+    samples = np.linspace(0, 1, 300)  # 30 s
+    samples[100:150] = np.nan  # 5 s gap from t = 10 s
+    onsets = np.arange(60) * TR
+    # last finite sample at 9.9 s, next at 15.0 s: interval_mean needs the whole frame covered,
+    # midpoint needs finite samples on both sides of the frame centre
+    needs = {"interval_mean": (onsets + TR > 9.9) & (onsets < 15.0)}
+    needs["midpoint"] = (onsets + TR / 2 > 9.9) & (onsets + TR / 2 < 15.0)
+    for alignment, in_gap in needs.items():
+        per_frame = frame_ratings(samples, fs, 0.0, 60, TR, max_gap_s=1.0, alignment=alignment)
+        assert np.isnan(per_frame[in_gap]).all(), alignment
+        bridged = frame_ratings(samples, fs, 0.0, 60, TR, max_gap_s=6.0, alignment=alignment)
+        assert np.isfinite(bridged).all(), alignment

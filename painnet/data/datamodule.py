@@ -7,6 +7,7 @@ reads: it discovers the runs, loads them from the cache, pairs targets and build
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,14 +15,18 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from painnet.config_checks import check_section, check_window
 from painnet.data.atlas import Atlas, load_atlas
 from painnet.data.bids import discover_runs
 from painnet.data.cache import ArrayCache
 from painnet.data.clean import CleanConfig
-from painnet.data.preprocess import load_run, prepare_runs
+from painnet.data.preprocess import load_run, prepare_runs, qc_table, write_qc_table
 from painnet.data.splits import Split, make_split, sessions_by_subject
+from painnet.data.targets import RatingSpec
 from painnet.data.types import RunData, RunFiles
 from painnet.data.windows import WindowDataset, collate_batch, window_frames
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value):
@@ -52,6 +57,11 @@ class PainDataModule(L.LightningDataModule):
         strict: bool = True,
         clean: Mapping | None = None,
         lag_s: float = 6.0,
+        rating_column: str = "pain",
+        max_rating_gap_s: float = 1.0,
+        rating_range: Sequence[float] = (0.0, 1.0),
+        rating_rescale: Sequence[float] | None = None,
+        rating_alignment: str = "interval_mean",
         window_s: float = 10.0,
         train_stride: int = 1,
         cache_dir: str = ".painnet_cache",
@@ -63,6 +73,7 @@ class PainDataModule(L.LightningDataModule):
         progress: bool = True,
     ):
         super().__init__()
+        check_section("data", locals())  # every numeric value range-checked, errors name the key
         self.root = Path(root)
         self.split_config = _plain(split)
         self.atlas_spec = _plain(atlas)
@@ -80,6 +91,14 @@ class PainDataModule(L.LightningDataModule):
         }
         self.clean = CleanConfig(**(_plain(clean) or {}))
         self.lag_s = float(lag_s)
+        self.ratings = RatingSpec(
+            column=rating_column,
+            max_gap_s=float(max_rating_gap_s),
+            valid_range=tuple(_plain(rating_range)),
+            rescale=None if rating_rescale is None else tuple(_plain(rating_rescale)),
+            alignment=rating_alignment,
+        )
+        self.discovery["ratings"] = self.ratings  # ratings are checked before any extraction
         self.window_s = float(window_s)
         self.train_stride = int(train_stride)
         self.cache = ArrayCache(cache_dir)
@@ -115,7 +134,8 @@ class PainDataModule(L.LightningDataModule):
         used = set(self.split.train + self.split.val + self.split.test)
         self.run_files = [f for f in all_files if f.key.session_key in used]
         self.runs = [
-            load_run(f, self.atlas, self.clean, self.cache, self.lag_s) for f in self.run_files
+            load_run(f, self.atlas, self.clean, self.cache, self.lag_s, self.ratings)
+            for f in self.run_files
         ]
         n_parcels = {r.n_parcels for r in self.runs}
         if len(n_parcels) != 1:
@@ -125,6 +145,7 @@ class PainDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{self.root}: runs have different TRs {sorted(trs)}; window lengths would differ"
             )
+        check_window(self.window_s, self.runs)  # names data.window_s and the short run
         self._datasets = {}
 
     # -- properties -------------------------------------------------------------------------
@@ -151,6 +172,32 @@ class PainDataModule(L.LightningDataModule):
         assert self.split is not None, "call setup() first"
         keys = set(getattr(self.split, role))
         return [i for i, r in enumerate(self.runs) if r.key.session_key in keys]
+
+    # -- quality control --------------------------------------------------------------------
+    def qc_table(self):
+        """One row per run of the split (``painnet.data.preprocess.QC_COLUMNS``): frames, kept
+        frames, and frames / values censored for non-finite voxels inside parcels. Read from
+        the cleaned cache entries (nothing is extracted again)."""
+        assert self.split is not None, "call setup() first"
+        return qc_table(self.run_files, self.atlas, self.clean, self.cache)
+
+    def write_qc_table(self, path: str | Path):
+        """Write :meth:`qc_table` as a TSV (atomically) and return it; logs a warning naming
+        the runs whose frames were censored for non-finite voxel values."""
+        assert self.split is not None, "call setup() first"
+        table = write_qc_table(path, self.run_files, self.atlas, self.clean, self.cache)
+        hit = table[table["n_frames_non_finite"] > 0]
+        if len(hit):
+            log.warning(
+                "%d of %d run(s) had frames censored for non-finite (NaN/inf) voxel values, "
+                "%d frame(s) in all: %s (see %s)",
+                len(hit),
+                len(table),
+                int(hit["n_frames_non_finite"].sum()),
+                ", ".join(f"{r.run} ({r.n_frames_non_finite})" for r in hit.itertuples()),
+                Path(path).name,
+            )
+        return table
 
     # -- loaders ----------------------------------------------------------------------------
     def dataset(self, role: str) -> WindowDataset:
@@ -199,11 +246,17 @@ class PainDataModule(L.LightningDataModule):
 
 
 def _needs_confounds(clean: Mapping) -> bool:
+    """Whether the cleaning reads the fMRIPrep confounds table: any regressor taken from it
+    (motion, WM/CSF means, aCompCor of either kind, global signal), FD censoring, or FD
+    computed from its motion columns (``fd_source: motion``)."""
     cfg = CleanConfig(**clean)
     return bool(
         cfg.motion
         or cfg.wm_csf
         or cfg.n_acompcor
+        or cfg.n_wm_compcor
+        or cfg.n_csf_compcor
         or cfg.global_signal
         or cfg.fd_threshold is not None
+        or cfg.fd_source == "motion"
     )

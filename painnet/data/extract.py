@@ -6,27 +6,39 @@ Three inputs, told apart by file name:
 - ``*.dtseries.nii``: a CIFTI-2 dense time series; mean over each label's grayordinates;
 - ``*.tsv``: an already parcellated table (XCP-D ``*_timeseries.tsv``), one column per parcel.
 
-NIfTI runs are never loaded whole. The header is parsed by nibabel, then the voxel data, which
-is stored frame after frame (each frame a Fortran-ordered block of X*Y*Z values after
-``vox_offset``), is read sequentially in chunks of frames into two reused buffers: a background
-thread reads (and for ``.nii.gz`` inflates with zlib) the next chunk while the main thread
-reduces the current one. Plain reads also serve ``.nii``: measured faster than gathering from a
-memory map, which faults in every page it touches. The reduction gathers the labelled voxels,
-grouped by parcel, with one ``np.take`` and sums each parcel with ``np.add.reduceat``
-accumulating in float64; only the ``(chunk, P)`` result is float64. Raw stored values are
-averaged and the NIfTI scaling (``scl_slope``, ``scl_inter``) is applied to the means, which is
-exact because it is linear.
+NIfTI runs are never loaded whole. The header is parsed by nibabel; the voxel data, stored frame
+after frame (each frame a Fortran-ordered block of X*Y*Z values after ``vox_offset``), is then
+reduced window by window:
 
-Non-finite voxel values are treated as 0 (with a warning), like nilearn's NiftiLabelsMasker.
+- ``.nii``: memory-mapped a window of frames at a time (``MAP_BUDGET_BYTES``); the reduction
+  reads the labelled voxels straight from the page cache, so no byte is copied into a buffer.
+  Where a file cannot be mapped, plain reads into a reused buffer are used instead.
+- ``.nii.gz``: a background thread inflates the next chunk of frames into one of two reused
+  buffers while the main thread reduces the current one. Inflating uses ISA-L's igzip (the
+  ``isal`` package) when it is installed, else Python's zlib: the same bytes either way (both
+  check each member's CRC and length), about 2x faster with ISA-L (``benchmarks/README.md``).
+
+The reduction (:class:`_ParcelReducer`) gathers each parcel's voxels into lanes of
+``_LANES`` (one ``np.take`` per chunk), adds the lanes in the stored precision when that is
+exact or close (float32 for float32 and 8/16-bit integers; a sum of 8 values), then adds the
+lane sums of each parcel with ``np.add.reduceat`` in float64. Raw stored values are averaged
+and the NIfTI scaling (``scl_slope``, ``scl_inter``) is applied to the means, which is exact
+because it is linear.
+
+Non-finite voxel values inside parcels count as 0 in the means (as in nilearn's
+NiftiLabelsMasker), and :func:`extract_parcels` returns how many there were in each frame, so
+that cleaning can censor those frames (:mod:`painnet.data.preprocess`).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import warnings
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,26 +48,76 @@ import numpy as np
 
 from painnet.data.atlas import Atlas, atlas_for_bold
 
+try:  # ISA-L igzip: same output as zlib, about twice as fast to inflate
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - depends on the platform's wheels
+    _isal_zlib = None
+
 # Bytes of one read buffer; two are alive at once. Small buffers stay in cache between the
 # read and the gather, so they are no slower than big ones, and they bound memory whatever
 # the run length or ``chunk_frames``.
 READ_BUDGET_BYTES = 2 << 20
-# Compressed bytes read from a .nii.gz per call, and most bytes inflated per zlib call (each
-# call returns a new bytes object that is copied into the frame buffer).
+# Bytes of a .nii mapped at once (mapped pages of the file count in the resident memory).
+MAP_BUDGET_BYTES = 16 << 20
+# Most bytes of mapped frames reduced at once (the gathered voxels are about a third of them).
+MAP_CHUNK_BYTES = 8 << 20
+# Compressed bytes read from a .nii.gz per call, and most bytes inflated per call (each call
+# returns a new bytes object that is copied into the frame buffer).
 _GZ_BLOCK = 256 << 10
 _GZ_OUT_MAX = 1 << 20
+# Voxels added per lane in the stored precision before the float64 sum (see _ParcelReducer).
+_LANES = 8
+
+# Inflaters by name, fastest first; GZIP_BACKEND is the one used (tests and benchmarks may
+# set it to "zlib" to compare).
+GZIP_BACKENDS: dict[str, Any] = {"isal": _isal_zlib, "zlib": zlib}
+GZIP_BACKENDS = {name: module for name, module in GZIP_BACKENDS.items() if module is not None}
+GZIP_BACKEND = next(iter(GZIP_BACKENDS))
+_GZIP_ERRORS = tuple({module.error for module in GZIP_BACKENDS.values()})
+
+
+@dataclass(frozen=True)
+class ParcelSeries:
+    """What :func:`extract_parcels` returns for one run.
+
+    series:     ``(T, P)`` float32 parcel means (non-finite voxels counted as 0).
+    names:      the P parcel names.
+    non_finite: ``(T,)`` int64, how many non-finite values (NaN, inf) lay inside parcels in
+                each frame (for a TSV: non-finite cells of the row).
+    """
+
+    series: np.ndarray
+    names: list[str]
+    non_finite: np.ndarray
 
 
 def extract_parcel_series(
     bold_path: str | Path, atlas: Atlas | None, chunk_frames: int = 64
 ) -> tuple[np.ndarray, list[str]]:
-    """Parcel time series of one run.
+    """Parcel time series of one run: ``(series, names)`` (see :func:`extract_parcels`).
 
-    Returns ``(series, names)``: ``series`` is ``(T, P)`` float32 (T frames as stored, P
-    parcels in ``atlas.label_ids`` order, or in column order for a TSV) and ``names`` the P
-    parcel names. ``chunk_frames`` is the most frames read at once from a NIfTI (also capped
-    so one read buffer stays within ``READ_BUDGET_BYTES``). ``atlas`` may be ``None`` only for
-    a TSV. A volume atlas on another grid is resampled (nearest neighbour) to the BOLD grid.
+    Warns when non-finite values were met; use :func:`extract_parcels` to get their counts.
+    """
+    out = extract_parcels(bold_path, atlas, chunk_frames)
+    if out.non_finite.any():
+        warnings.warn(
+            f"{bold_path}: {int(out.non_finite.sum())} non-finite values inside parcels in "
+            f"{int(np.count_nonzero(out.non_finite))} frames were treated as 0",
+            stacklevel=2,
+        )
+    return out.series, out.names
+
+
+def extract_parcels(
+    bold_path: str | Path, atlas: Atlas | None, chunk_frames: int = 64
+) -> ParcelSeries:
+    """Parcel time series of one run, with the count of non-finite values per frame.
+
+    ``series`` is ``(T, P)`` float32 (T frames as stored, P parcels in ``atlas.label_ids``
+    order, or in column order for a TSV). ``chunk_frames`` is the most frames read at once from
+    a NIfTI (also capped so one read buffer stays within ``READ_BUDGET_BYTES``). ``atlas`` may
+    be ``None`` only for a TSV. A volume atlas on another grid is resampled (nearest neighbour)
+    to the BOLD grid.
     """
     path = Path(bold_path).expanduser()
     if not path.is_file():
@@ -88,43 +150,95 @@ class _ParcelReducer:
     """Precomputed map from flat frames ``(n, V)`` to parcel sums ``(n, P)`` (``/ counts``
     gives the means).
 
-    index:  ``(S,)`` flat positions of the labelled voxels, grouped by parcel (spatial order
-            kept inside a parcel, so the gather reads memory mostly forwards).
-    starts: ``(P,)`` where each parcel's group begins in ``index``.
-    counts: ``(P,)`` float64 number of voxels per parcel.
+    Each parcel's voxels (in spatial order, so the gather reads memory mostly forwards) are
+    dealt into groups of ``_LANES``: group ``g`` holds voxels ``lanes[:, g]``, a parcel's
+    groups are contiguous and start at ``group_starts``. A parcel whose size is not a multiple
+    of ``_LANES`` has padding slots in its last group (``pad``: flat positions in ``lanes``);
+    they gather voxel 0 and are set to 0 before the lanes are added.
+
+    lanes:        ``(_LANES, G)`` intp voxel positions.
+    pad:          flat positions of the padding slots in ``lanes``.
+    group_starts: ``(P,)`` first group of each parcel.
+    counts:       ``(P,)`` float64 number of voxels per parcel.
     """
 
-    index: np.ndarray
-    starts: np.ndarray
+    lanes: np.ndarray
+    pad: np.ndarray
+    group_starts: np.ndarray
     counts: np.ndarray
 
     @classmethod
     def from_labels(cls, flat_labels: np.ndarray, label_ids: np.ndarray, where: str):
         """Build from a flat label array (frame layout) and the parcels wanted, in order."""
-        position = np.searchsorted(label_ids, flat_labels)
-        position[position == label_ids.size] = 0
-        wanted = np.flatnonzero(label_ids[position] == flat_labels)
-        index = wanted[np.argsort(position[wanted], kind="stable")]
+        position = _parcel_positions(flat_labels, label_ids)
+        wanted = np.flatnonzero(position >= 0)
+        # a stable sort of small integers is a radix sort: fast, and spatial order is kept
+        small = np.int16 if label_ids.size < np.iinfo(np.int16).max else np.int32
+        index = wanted[np.argsort(position[wanted].astype(small), kind="stable")]
         counts = np.bincount(position[index], minlength=label_ids.size)
         if np.any(counts == 0):
             empty = label_ids[counts == 0].tolist()
             raise ValueError(f"{where}: atlas parcels {empty[:10]} have no voxel on this grid")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        return cls(index=index, starts=starts, counts=counts.astype(np.float64))
+        groups = -(-counts // _LANES)
+        group_starts = np.concatenate([[0], np.cumsum(groups)[:-1]])
+        rank = np.arange(index.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        group = np.repeat(group_starts, counts) + rank // _LANES
+        lanes = np.zeros((_LANES, int(groups.sum())), dtype=np.intp)
+        is_pad = np.ones(lanes.shape, dtype=bool)
+        lanes[rank % _LANES, group] = index
+        is_pad[rank % _LANES, group] = False
+        return cls(
+            lanes=lanes,
+            pad=np.flatnonzero(is_pad),
+            group_starts=group_starts,
+            counts=counts.astype(np.float64),
+        )
 
-    def sums(self, frames: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Parcel sums ``(n, P)`` float64 of ``frames`` ``(n, V)``, and whether non-finite
-        values were met (they are counted as 0)."""
-        picked = np.take(frames, self.index, axis=1)
-        sums = np.add.reduceat(picked, self.starts, axis=1, dtype=np.float64)
+    def sums(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Parcel sums ``(n, P)`` float64 of ``frames`` ``(n, V)``, and the number of
+        non-finite values inside parcels per frame (``None`` when there were none; they are
+        counted as 0 in the sums)."""
+        n = frames.shape[0]
+        picked = np.take(frames, self.lanes, axis=1)  # (n, _LANES, G)
+        flat = picked.reshape(n, -1)
+        flat[:, self.pad] = 0
+        sums = np.add.reduceat(
+            picked.sum(axis=1, dtype=_lane_dtype(frames.dtype)),
+            self.group_starts,
+            axis=1,
+            dtype=np.float64,
+        )
         if np.isfinite(sums).all():
-            return sums, False
-        picked[~np.isfinite(picked)] = 0
-        return np.add.reduceat(picked, self.starts, axis=1, dtype=np.float64), True
+            return sums, None
+        bad = ~np.isfinite(flat)
+        flat[bad] = 0
+        sums = np.add.reduceat(
+            picked.sum(axis=1, dtype=np.float64), self.group_starts, axis=1, dtype=np.float64
+        )
+        return sums, bad.sum(axis=1)
 
 
-def _warn_non_finite(path: Path) -> None:
-    warnings.warn(f"{path}: non-finite voxel values inside parcels were treated as 0", stacklevel=3)
+def _parcel_positions(flat_labels: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
+    """For each voxel, the position of its label in ``label_ids`` (sorted), or -1."""
+    lo = min(int(flat_labels.min()), int(label_ids.min()))
+    hi = max(int(flat_labels.max()), int(label_ids.max()))
+    if flat_labels.dtype.kind in "iu" and lo >= 0 and hi < (1 << 22):  # a lookup table
+        table = np.full(hi + 1, -1, dtype=np.int32)
+        table[label_ids] = np.arange(label_ids.size, dtype=np.int32)
+        return table[flat_labels]
+    position = np.searchsorted(label_ids, flat_labels)
+    position[position == label_ids.size] = 0
+    return np.where(label_ids[position] == flat_labels, position, -1)
+
+
+def _lane_dtype(stored: np.dtype) -> type:
+    """float32 where adding ``_LANES`` stored values in it is exact (8/16-bit integers) or as
+    precise as the values (float32 and float16); float64 otherwise."""
+    if (stored.kind in "iu" and stored.itemsize <= 2) or (
+        stored.kind == "f" and stored.itemsize <= 4
+    ):
+        return np.float32
+    return np.float64
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -146,26 +260,128 @@ class _NiftiLayout:
         return self.n_vox * self.dtype.itemsize
 
 
-def _extract_nifti(path: Path, atlas: Atlas, chunk_frames: int) -> tuple[np.ndarray, list[str]]:
+def _extract_nifti(path: Path, atlas: Atlas, chunk_frames: int) -> ParcelSeries:
     img = _load_nifti_header(path)
     layout = _nifti_layout(path, img)
     atlas = atlas_for_bold(atlas, img)
     flat = atlas.labels.ravel(order="F")  # NIfTI frames are Fortran-ordered
     reducer = _ParcelReducer.from_labels(flat, atlas.label_ids, str(path))
-    per_chunk = max(1, min(chunk_frames, layout.n_frames, READ_BUDGET_BYTES // layout.frame_bytes))
     series = np.empty((layout.n_frames, atlas.n_parcels), dtype=np.float32)
-    saw_non_finite = False
+    non_finite = np.zeros(layout.n_frames, dtype=np.int64)
+    with closing(_nifti_chunks(path, layout, chunk_frames)) as chunks:  # closes files on errors
+        for t0, frames in chunks:
+            sums, bad = reducer.sums(frames)
+            if bad is not None:
+                non_finite[t0 : t0 + len(frames)] = bad
+            series[t0 : t0 + len(frames)] = _scaled(sums / reducer.counts, layout)
+    return ParcelSeries(series, list(atlas.names), non_finite)
+
+
+def _nifti_chunks(
+    path: Path, layout: _NiftiLayout, chunk_frames: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first_frame, frames (n, V))`` over the run; a chunk is valid until the next one.
+
+    Chunks hold at most ``chunk_frames`` frames, and at most ``READ_BUDGET_BYTES`` (a read
+    buffer) or ``MAP_CHUNK_BYTES`` (a view of the map: fewer numpy calls per frame) of them.
+    """
+    if not path.name.endswith(".gz"):
+        _check_nii_size(path, layout)
+        try:
+            mapped = _MappedFrames(path, layout)
+        except (OSError, ValueError):  # a file system without mmap: read it instead
+            mapped = None
+        if mapped is not None:
+            with mapped:
+                yield from mapped.chunks(_frames_within(MAP_CHUNK_BYTES, chunk_frames, layout))
+            return
+    per_chunk = _frames_within(READ_BUDGET_BYTES, chunk_frames, layout)
     with _open_frames(path, layout.offset) as reader:
         # closing() joins the read-ahead thread before the reader is used again or closed
         with closing(_frame_chunks(reader, layout, per_chunk, path)) as chunks:
-            for t0, frames in chunks:
-                sums, bad = reducer.sums(frames)
-                saw_non_finite |= bad
-                series[t0 : t0 + len(frames)] = _scaled(sums / reducer.counts, layout)
+            yield from chunks
         reader.finish()
-    if saw_non_finite:
-        _warn_non_finite(path)
-    return series, list(atlas.names)
+
+
+def _frames_within(budget: int, chunk_frames: int, layout: _NiftiLayout) -> int:
+    """Frames per chunk: at most ``chunk_frames`` and ``budget`` bytes, at least one."""
+    return max(1, min(chunk_frames, layout.n_frames, budget // layout.frame_bytes))
+
+
+def _check_nii_size(path: Path, layout: _NiftiLayout) -> None:
+    stored = path.stat().st_size - layout.offset
+    if stored < layout.n_frames * layout.frame_bytes:
+        raise ValueError(
+            f"{path}: file ends early, inside frame {max(stored, 0) // layout.frame_bytes} "
+            f"of {layout.n_frames}"
+        )
+
+
+class _MappedFrames:
+    """An uncompressed ``.nii`` mapped read-only, ``MAP_BUDGET_BYTES`` of frames at a time
+    (the page cache is read in place; the next window is announced to the kernel for
+    read-ahead while the current one is reduced)."""
+
+    def __init__(self, path: Path, layout: _NiftiLayout) -> None:
+        self.layout = layout
+        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed in __exit__)
+        self.window = max(1, MAP_BUDGET_BYTES // layout.frame_bytes)
+        try:
+            self._map(0, 1).close()  # fail here, not mid-run, where mapping is not supported
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _map(self, t0: int, n: int) -> mmap.mmap:
+        start = self.layout.offset + t0 * self.layout.frame_bytes
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(
+            self._file.fileno(),
+            start - aligned + n * self.layout.frame_bytes,
+            flags=flags,
+            prot=mmap.PROT_READ,
+            offset=aligned,
+        )
+
+    def chunks(self, per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+        layout = self.layout
+        self.window = max(per_chunk, self.window // per_chunk * per_chunk)  # whole chunks
+        for w0 in range(0, layout.n_frames, self.window):
+            n = min(self.window, layout.n_frames - w0)
+            self._announce(w0 + n)
+            start = layout.offset + w0 * layout.frame_bytes
+            mapped = self._map(w0, n)
+            try:
+                frames = np.frombuffer(
+                    mapped,
+                    dtype=layout.dtype,
+                    count=n * layout.n_vox,
+                    offset=start % mmap.ALLOCATIONGRANULARITY,
+                ).reshape(n, layout.n_vox)
+                for t0 in range(0, n, per_chunk):
+                    yield w0 + t0, frames[t0 : t0 + per_chunk]
+                del frames  # the map can only be closed once no array uses it
+            finally:
+                # a caller may still hold a chunk: then the map goes when the chunk is freed
+                with suppress(BufferError):
+                    mapped.close()
+
+    def _announce(self, t0: int) -> None:
+        """Ask the kernel to start reading the window that begins at frame ``t0``."""
+        if t0 >= self.layout.n_frames or not hasattr(os, "posix_fadvise"):
+            return
+        n = min(self.window, self.layout.n_frames - t0)
+        start = self.layout.offset + t0 * self.layout.frame_bytes
+        os.posix_fadvise(
+            self._file.fileno(), start, n * self.layout.frame_bytes, os.POSIX_FADV_WILLNEED
+        )
+
+    def __enter__(self) -> _MappedFrames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
 
 
 def _scaled(means: np.ndarray, layout: _NiftiLayout) -> np.ndarray:
@@ -214,7 +430,7 @@ def _frame_chunks(
     """Yield ``(first_frame, frames)`` with ``frames`` ``(n, V)`` in the stored dtype.
 
     The next chunk is read in a worker thread into the other of two reused buffers while the
-    caller works on the current one (zlib and file reads release the GIL). A yielded array is
+    caller works on the current one (zlib, ISA-L and file reads release the GIL). A yielded array is
     valid until the next item is requested.
     """
     bounds = [
@@ -283,12 +499,17 @@ class _PlainReader(_FrameReader):
 
 
 class _GzipReader(_FrameReader):
-    """``.nii.gz``: inflate the gzip stream with zlib (which also checks the CRC and length
-    of each member), handling multi-member files and zero padding like the gzip module."""
+    """``.nii.gz``: inflate the gzip stream (ISA-L or zlib, ``GZIP_BACKEND``; both check the
+    CRC and length of each member), handling multi-member files and zero padding like the
+    gzip module. Errors of either library become the same ``ValueError`` naming the file."""
 
-    def __init__(self, path: Path, offset: int) -> None:
+    def __init__(self, path: Path, offset: int, backend: str | None = None) -> None:
         super().__init__(path, offset)
-        self._inflate = zlib.decompressobj(wbits=31)
+        name = GZIP_BACKEND if backend is None else backend
+        if name not in GZIP_BACKENDS:
+            raise ValueError(f"gzip backend {name!r} is not available; have {list(GZIP_BACKENDS)}")
+        self._zlib = GZIP_BACKENDS[name]
+        self._inflate = self._zlib.decompressobj(wbits=31)
         self._pending = b""  # compressed bytes read past the end of the previous member
         skipped = self.readinto(memoryview(bytearray(offset)))
         if skipped != offset:
@@ -307,7 +528,7 @@ class _GzipReader(_FrameReader):
                 out = self._inflate.decompress(data, min(len(view) - filled, _GZ_OUT_MAX))
                 view[filled : filled + len(out)] = out
                 filled += len(out)
-        except zlib.error as err:
+        except _GZIP_ERRORS as err:
             raise ValueError(f"{self.path}: corrupt gzip data: {err}") from err
         return filled
 
@@ -321,12 +542,12 @@ class _GzipReader(_FrameReader):
             rest = self._file.read(_GZ_BLOCK)
             if not rest:
                 return False
-        self._inflate = zlib.decompressobj(wbits=31)
+        self._inflate = self._zlib.decompressobj(wbits=31)
         self._pending = rest
         return True
 
     def finish(self) -> None:
-        """Inflate to the end so that zlib verifies the CRC of the last member."""
+        """Inflate to the end so that the last member's CRC and length are verified."""
         scratch = memoryview(bytearray(1 << 16))
         while self.readinto(scratch):
             pass
@@ -340,7 +561,7 @@ def _open_frames(path: Path, offset: int) -> _FrameReader:
 # --------------------------------------------------------------------------- CIFTI
 
 
-def _extract_cifti(path: Path, atlas: Atlas) -> tuple[np.ndarray, list[str]]:
+def _extract_cifti(path: Path, atlas: Atlas) -> ParcelSeries:
     """Label means of a dtseries, read in blocks of grayordinates.
 
     CIFTI-2 stores the ``(T, N)`` matrix Fortran-ordered (time fastest), so a block of
@@ -358,34 +579,33 @@ def _extract_cifti(path: Path, atlas: Atlas) -> tuple[np.ndarray, list[str]]:
         raise ValueError(f"{path}: atlas parcels {ids[counts == 0][:10].tolist()} are empty")
     per_block = max(1, READ_BUDGET_BYTES // (n_frames * 8))  # 8: scaled data comes as float64
     sums = np.zeros((ids.size, n_frames), dtype=np.float64)
-    saw_non_finite = False
+    non_finite = np.zeros(n_frames, dtype=np.int64)
     for g0 in range(0, n_gray, per_block):
         g1 = min(g0 + per_block, n_gray)
         block = np.asarray(img.dataobj[:, g0:g1]).T  # (g1 - g0, T)
-        saw_non_finite |= _add_block_sums(sums, block, atlas.labels[g0:g1], ids)
-    if saw_non_finite:
-        _warn_non_finite(path)
-    return (sums / counts[:, None]).T.astype(np.float32), list(atlas.names)
+        non_finite += _add_block_sums(sums, block, atlas.labels[g0:g1], ids)
+    series = (sums / counts[:, None]).T.astype(np.float32)
+    return ParcelSeries(series, list(atlas.names), non_finite)
 
 
 def _add_block_sums(
     sums: np.ndarray, block: np.ndarray, labels: np.ndarray, ids: np.ndarray
-) -> bool:
-    """Add each parcel's sum over the rows of ``block`` ``(n, T)`` into ``sums`` ``(P, T)``."""
+) -> np.ndarray | int:
+    """Add each parcel's sum over the rows of ``block`` ``(n, T)`` into ``sums`` ``(P, T)``;
+    returns the number of non-finite values inside parcels per frame (counted as 0)."""
     keep = np.flatnonzero(np.isin(labels, ids))
     if keep.size == 0:
-        return False
+        return 0
     rows = keep[np.argsort(labels[keep], kind="stable")]
     sorted_labels = labels[rows]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
     picked = block[rows]
-    bad = not np.isfinite(picked).all()
-    if bad:
-        picked[~np.isfinite(picked)] = 0
+    bad = ~np.isfinite(picked)
+    picked[bad] = 0
     sums[np.searchsorted(ids, sorted_labels[starts])] += np.add.reduceat(
         picked, starts, axis=0, dtype=np.float64
     )
-    return bad
+    return bad.sum(axis=0)
 
 
 def _load_cifti(path: Path) -> Any:
@@ -410,8 +630,10 @@ def _load_cifti(path: Path) -> Any:
 # --------------------------------------------------------------------------- TSV
 
 
-def _extract_tsv(path: Path, atlas: Atlas | None) -> tuple[np.ndarray, list[str]]:
+def _extract_tsv(path: Path, atlas: Atlas | None) -> ParcelSeries:
     """Columns of an already parcellated table (XCP-D ``*_timeseries.tsv``, header = names).
+
+    Non-finite cells (``n/a``, NaN, inf) become 0 and are counted per row, as for voxels.
 
     With an atlas whose names all appear among the columns, those columns are returned in
     atlas order; an atlas with other names but as many parcels as columns is accepted with a
@@ -434,10 +656,9 @@ def _extract_tsv(path: Path, atlas: Atlas | None) -> tuple[np.ndarray, list[str]
     if atlas is not None:
         table = _match_columns(table, atlas, path)
     series = table.to_numpy(dtype=np.float32)
-    has_nan = [c for c, bad in zip(table.columns, ~np.isfinite(series).all(axis=0)) if bad]
-    if has_nan:
-        warnings.warn(f"{path}: non-finite values in columns {has_nan[:10]}", stacklevel=3)
-    return series, list(table.columns)
+    bad = ~np.isfinite(series)
+    series[bad] = 0
+    return ParcelSeries(series, list(table.columns), bad.sum(axis=1))
 
 
 def _match_columns(table: Any, atlas: Atlas, path: Path) -> Any:

@@ -3,11 +3,18 @@
 Two cache levels: raw parcel series (the expensive read of the BOLD file, keyed by the BOLD
 file and atlas) and cleaned series (keyed additionally by the confounds file and the cleaning
 settings), so changing a cleaning setting never re-reads the images.
+
+Non-finite voxels (NaN, inf) inside parcels: the extraction entry stores how many each frame
+had (``non_finite``), those frames are censored in cleaning (``kept`` is False, like
+high-motion frames), and :func:`qc_table` / :func:`write_qc_table` report the counts per run,
+whether the run was just extracted or read from the cache.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -17,14 +24,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from painnet.data.atlas import Atlas
 from painnet.data.cache import ArrayCache, cache_key, file_identity
 from painnet.data.clean import CleanConfig, clean_series, read_confounds
-from painnet.data.extract import extract_parcel_series
-from painnet.data.targets import run_targets
+from painnet.data.extract import extract_parcels
+from painnet.data.targets import RatingSpec, run_targets
 from painnet.data.types import RunData, RunFiles
+
+log = logging.getLogger(__name__)
+
+# Version of the extraction entry's content: 2 added the per-frame ``non_finite`` counts (older
+# entries, without them, are not reused).
+EXTRACT_FORMAT = 2
 
 
 def extraction_key(files: RunFiles, atlas: Atlas | None) -> str:
     return cache_key(
         stage="extract",
+        format=EXTRACT_FORMAT,
         bold=file_identity(files.bold),
         atlas=None if atlas is None else atlas.identity(),
     )
@@ -41,11 +55,14 @@ def cleaned_key(files: RunFiles, atlas: Atlas | None, clean: CleanConfig) -> str
 
 
 def extract_cached(files: RunFiles, atlas: Atlas | None, cache: ArrayCache) -> dict:
+    """Raw parcel series, names and per-frame non-finite counts of one run (computed once)."""
+
     def compute():
-        series, names = extract_parcel_series(files.bold, atlas)
+        out = extract_parcels(files.bold, atlas)
         return {
-            "series": series.astype(np.float32, copy=False),
-            "names": np.asarray(names, dtype=str),
+            "series": out.series.astype(np.float32, copy=False),
+            "names": np.asarray(out.names, dtype=str),
+            "non_finite": out.non_finite.astype(np.int64, copy=False),
         }
 
     return cache.get_or_compute(extraction_key(files, atlas), compute)
@@ -54,16 +71,28 @@ def extract_cached(files: RunFiles, atlas: Atlas | None, cache: ArrayCache) -> d
 def clean_cached(
     files: RunFiles, atlas: Atlas | None, clean: CleanConfig, cache: ArrayCache
 ) -> dict:
-    """Cleaned series, kept mask and parcel names of one run (computed at most once)."""
+    """Cleaned series, kept mask, parcel names and per-frame non-finite counts of one run
+    (computed at most once). Frames with non-finite voxels inside parcels are censored."""
 
     def compute():
+        confounds, fd = None, None
+        if files.confounds is not None:  # checked before the (cached) extraction
+            confounds, fd = read_confounds(files.confounds, clean, None, tr=files.tr)
         raw = extract_cached(files, atlas, cache)
         series = raw["series"]
-        confounds, fd = None, None
-        if files.confounds is not None:
-            confounds, fd = read_confounds(files.confounds, clean, series.shape[0])
-        cleaned, kept = clean_series(series, files.tr, clean, confounds, fd, source=str(files.bold))
-        return {"series": cleaned, "kept": kept, "names": raw["names"]}
+        if fd is not None and len(fd) != series.shape[0]:
+            raise ValueError(
+                f"{files.confounds}: {len(fd)} rows but the BOLD run has {series.shape[0]} frames"
+            )
+        clean_fn = clean_series
+        if clean.causal:  # past frames only: the same function the real-time path applies
+            from painnet.data.causal import clean_series_causal as clean_fn
+        non_finite = raw["non_finite"]
+        censor = {"censor": non_finite > 0} if non_finite.any() else {}
+        cleaned, kept = clean_fn(
+            series, files.tr, clean, confounds, fd, source=str(files.bold), **censor
+        )
+        return {"series": cleaned, "kept": kept, "names": raw["names"], "non_finite": non_finite}
 
     return cache.get_or_compute(cleaned_key(files, atlas, clean), compute)
 
@@ -107,12 +136,18 @@ def prepare_runs(
 
 
 def load_run(
-    files: RunFiles, atlas: Atlas | None, clean: CleanConfig, cache: ArrayCache, lag_s: float
+    files: RunFiles,
+    atlas: Atlas | None,
+    clean: CleanConfig,
+    cache: ArrayCache,
+    lag_s: float,
+    ratings: RatingSpec | None = None,
 ) -> RunData:
     """A cleaned run with its lag-paired targets (extracting and cleaning it if not cached)."""
     arrays = clean_cached(files, atlas, clean, cache)
     series, kept = arrays["series"], arrays["kept"].astype(bool)
-    target = run_targets(files, series.shape[0], lag_s)
+    _log_non_finite(files, arrays["non_finite"])
+    target = run_targets(files, series.shape[0], lag_s, ratings)
     target[~kept] = np.nan
     return RunData(
         key=files.key,
@@ -123,3 +158,72 @@ def load_run(
         time_s=np.arange(series.shape[0]) * files.tr,
         parcel_names=[str(n) for n in arrays["names"]],
     )
+
+
+# --------------------------------------------------------------------------- quality control
+
+QC_COLUMNS = (
+    "run",
+    "bold",
+    "n_frames",
+    "n_kept",
+    "n_frames_non_finite",
+    "n_values_non_finite",
+)
+
+
+def _log_non_finite(files: RunFiles, non_finite: np.ndarray) -> None:
+    """Say, every time a run is loaded (cached or not), how many frames were censored."""
+    n_frames = int(np.count_nonzero(non_finite))
+    if n_frames:
+        log.warning(
+            "%s: %d frames censored for %d non-finite values inside parcels",
+            files.bold,
+            n_frames,
+            int(non_finite.sum()),
+        )
+
+
+def run_qc(files: RunFiles, atlas: Atlas | None, clean: CleanConfig, cache: ArrayCache) -> dict:
+    """One run's quality-control row (see ``QC_COLUMNS``), from its cleaned cache entry."""
+    arrays = clean_cached(files, atlas, clean, cache)
+    non_finite = arrays["non_finite"]
+    return {
+        "run": files.key.bids_prefix(),
+        "bold": str(files.bold),
+        "n_frames": int(non_finite.size),
+        "n_kept": int(np.count_nonzero(arrays["kept"])),
+        "n_frames_non_finite": int(np.count_nonzero(non_finite)),
+        "n_values_non_finite": int(non_finite.sum()),
+    }
+
+
+def qc_table(runs: Sequence[RunFiles], atlas: Atlas | None, clean: CleanConfig, cache: ArrayCache):
+    """A ``pandas.DataFrame`` with one :func:`run_qc` row per run, in the given order."""
+    import pandas as pd
+
+    return pd.DataFrame([run_qc(f, atlas, clean, cache) for f in runs], columns=list(QC_COLUMNS))
+
+
+def write_qc_table(
+    path: str | os.PathLike,
+    runs: Sequence[RunFiles],
+    atlas: Atlas | None,
+    clean: CleanConfig,
+    cache: ArrayCache,
+):
+    """Write :func:`qc_table` as a TSV, atomically (temporary file, then rename); returns it."""
+    table = qc_table(runs, atlas, clean, cache)
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(target) + ".tmp-")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            table.to_csv(fh, sep="\t", index=False)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return table

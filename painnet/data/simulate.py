@@ -143,6 +143,78 @@ PRESETS: dict[str, dict] = {
         "activation_gain": 1.0,
         "coupling_gain": 1.0,
     },
+    # Decoder variants (benchmarks/decoders.py): where pain lives, at demo-like signal levels,
+    # with TR, run length, parcel count and rating rate all unlike demo. Tuned on: demo and
+    # var_both; reported only: the others (see benchmarks/decoders.md).
+    "var_cofluct": {  # pain only in co-fluctuation
+        **_COMMON,
+        "n_sessions": 7,
+        "n_runs": 2,
+        "run_s": 300.0,
+        "tr": 0.8,
+        "rating_hz": 10.0,
+        "n_parcels": 80,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 10,
+        "n_coupled_parcels": 10,
+        "activation_gain": 0.0,
+        "coupling_gain": 2.5,
+    },
+    "var_activation": {  # pain only in activation (z-scoring hides its session level)
+        **_COMMON,
+        "n_sessions": 6,
+        "n_runs": 3,
+        "run_s": 360.0,
+        "tr": 1.0,
+        "rating_hz": 5.0,
+        "n_parcels": 60,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 8,
+        "n_coupled_parcels": 8,
+        "activation_gain": 2.0,
+        "coupling_gain": 0.0,
+    },
+    "var_both": {  # both codes, large session-level pain offsets
+        **_COMMON,
+        "n_sessions": 7,
+        "n_runs": 2,
+        "run_s": 300.0,
+        "tr": 0.72,
+        "rating_hz": 30.0,
+        "n_parcels": 90,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 10,
+        "n_coupled_parcels": 10,
+        "activation_gain": 2.0,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 1.0,
+    },
+    "var_both_slow": {  # both codes, session offsets, slow TR and a 1 Hz slider
+        **_COMMON,
+        "n_sessions": 8,
+        "n_runs": 3,
+        "run_s": 420.0,
+        "tr": 2.0,
+        "rating_hz": 1.0,
+        "n_parcels": 50,
+        "voxels_per_parcel": 10,
+        "n_pain_parcels": 6,
+        "n_coupled_parcels": 6,
+        "activation_gain": 2.0,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 0.8,
+    },
+}
+# Tests: tiny with pain only in co-fluctuation (half the parcels coupled, 4-min runs: a
+# co-fluctuation amplitude is a slow, noisy read-out and needs pairs and frames to show).
+PRESETS["tiny_cofluct"] = {
+    **PRESETS["tiny"],
+    "run_s": 240.0,
+    "n_pain_parcels": 0,
+    "n_coupled_parcels": 6,
+    "activation_gain": 0.0,
+    "coupling_gain": 8.0,
+    "network_sd": 0.3,
 }
 
 
@@ -718,6 +790,14 @@ def confounds_table(motion: Motion, nuisance: np.ndarray, bold: np.ndarray, rng)
     u = np.linalg.svd(centred + 0.05 * rng.standard_normal(centred.shape), full_matrices=False)[0]
     for j in range(N_COMPCOR):
         cols[f"a_comp_cor_{j:02d}"] = u[:, j] * np.sign(u[0, j] or 1.0)
+    # fMRIPrep's tissue-specific aCompCor (the study regresses 5 WM + 5 CSF components,
+    # DEIPP preprocessing_cocoan_func.m:351-354): components of the nuisance led by its CSF-like
+    # (column 0) or WM-like (column 1) signal. No random draw, so the rest of the run is unchanged.
+    for prefix, lead in (("c_comp_cor", 0), ("w_comp_cor", 1)):
+        weights = np.where(np.arange(centred.shape[1]) == lead, 3.0, 1.0)
+        v = np.linalg.svd(centred * weights, full_matrices=False)[0]
+        for j in range(N_COMPCOR):
+            cols[f"{prefix}_{j:02d}"] = v[:, j] * np.sign(v[0, j] or 1.0)
     return pd.DataFrame(cols)
 
 
@@ -931,8 +1011,9 @@ def simulate_dataset(
     overrides replace preset keys (unknown key -> ValueError listing the valid keys). If ``root``
     already holds a complete dataset with the same parameters and seed, nothing is rewritten. A
     different or incomplete dataset in a non-empty ``root`` raises FileExistsError unless
-    ``overwrite``. The dataset is written to ``ROOT.tmp-<pid>`` and renamed into place, with
-    params.json written last, so an interrupted run never looks complete.
+    ``overwrite``. The dataset is written to ``ROOT.tmp-<host>-<pid>`` and renamed into place,
+    with params.json written last, so an interrupted run never looks complete; such folders left
+    by killed processes are removed on the next call (``painnet.data.cache.is_stale_temporary``).
     """
     root = Path(root)
     params = resolve_params(preset, overrides)
@@ -941,7 +1022,12 @@ def simulate_dataset(
         return root
     _check_replaceable(root, record, overwrite)
 
-    tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
+    from painnet.data.cache import remove_stale, temp_tag
+
+    if root.parent.is_dir():  # folders of killed simulations (their pid is gone)
+        remove_stale(root.parent.glob("sim-*.tmp-*"))
+        remove_stale(root.parent.glob(f"{root.name}.tmp-*"))
+    tmp = root.parent / f"{root.name}.{temp_tag()}"
     if tmp.exists():  # left by an interrupted run of a process that had our pid
         shutil.rmtree(tmp)
     try:

@@ -2,15 +2,19 @@
 
 A :class:`Split` names the sessions (subject, session) used for training, validation (early
 stopping of deep models; classical models fold it into training and run their own inner CV) and
-testing. Every split kind guarantees that no session appears in two roles.
+testing. Every split guarantees that no session appears in two roles and that there is at least
+one training and one test session.
 
-Kinds:
-- ``loso``: within-subject leave-one-session-out; fold k holds out the subject's k-th session;
+A split *config* is a ``_target_`` object (``conf/split/*.yaml``) with one method,
+``make(sessions) -> Split``, and a ``kind`` label used in tables:
+
+- :class:`LeaveOneSessionOut` (``loso``): fold k holds out the subject's k-th session;
   ``n_val`` validation sessions are drawn (seeded) from the remaining ones.
-- ``cross_subject``: all sessions of the training subjects → all sessions of the test subjects.
-- ``data_size``: inside LOSO fold k, ``n_train`` training sessions drawn at random (``repeat`` is
-  the draw's seed) or the first ``n_train`` in time (``mode: first``); validation sessions come
-  from the rest.
+- :class:`CrossSubject` (``cross_subject``): all sessions of the training subjects → all
+  sessions of the test subjects (default: every other participant).
+- :class:`DataSize` (``data_size``): inside LOSO fold k, ``n_train`` training sessions drawn at
+  random (``repeat`` is the draw's seed) or the first ``n_train`` in time (``mode: first``);
+  validation sessions come from the rest.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Split:
                 seen[key] = role
         if not self.train:
             raise ValueError(f"split {self.name}: no training session")
+        if not self.test:
+            raise ValueError(f"split {self.name}: no test session")
 
     def role(self, key: SessionKey) -> str | None:
         for role in ("train", "val", "test"):
@@ -106,6 +112,12 @@ def cross_subject_split(
 ) -> Split:
     train_subjects = [str(s).removeprefix("sub-") for s in train_subjects]
     test_subjects = [str(s).removeprefix("sub-") for s in test_subjects]
+    if not test_subjects:
+        raise ValueError(
+            f"split.test_subjects: no participant to test on; the training participants are "
+            f"{train_subjects} and the dataset holds {sorted(sessions)}. A cross-subject split "
+            "needs at least 2 participants"
+        )
     overlap = set(train_subjects) & set(test_subjects)
     if overlap:
         raise ValueError(f"cross-subject split: subjects {sorted(overlap)} both train and test")
@@ -157,28 +169,94 @@ def data_size_split(
     )
 
 
-def make_split(config: Mapping, sessions: Mapping[str, Sequence[str]]) -> Split:
-    """Build a split from its Hydra config (``split=loso|cross_subject|data_size``)."""
-    kind = config["kind"]
-    seed = int(config.get("seed", 0))
-    n_val = int(config.get("n_val", 1))
-    if kind == "loso":
-        subject = config.get("subject") or sorted(sessions)[0]
-        return loso_split(sessions, subject, int(config.get("fold", 0)), n_val, seed)
-    if kind == "cross_subject":
-        train = list(config["train_subjects"])
-        test = config.get("test_subjects") or [s for s in sorted(sessions) if s not in train]
-        return cross_subject_split(sessions, train, list(test), n_val, seed)
-    if kind == "data_size":
-        subject = config.get("subject") or sorted(sessions)[0]
+@dataclass(frozen=True)
+class LeaveOneSessionOut:
+    """``split=loso``: within-subject leave-one-session-out, fold ``fold`` of ``subject``."""
+
+    subject: str | None = None
+    fold: int = 0
+    n_val: int = 1
+    seed: int = 0
+    kind = "loso"
+
+    def make(self, sessions: Mapping[str, Sequence[str]]) -> Split:
+        subject = self.subject or sorted(sessions)[0]
+        return loso_split(sessions, subject, int(self.fold), int(self.n_val), int(self.seed))
+
+
+@dataclass(frozen=True)
+class CrossSubject:
+    """``split=cross_subject``: train on ``train_subjects``, test on ``test_subjects``
+    (None = every other participant of the dataset)."""
+
+    train_subjects: Sequence[str] = ("01",)
+    test_subjects: Sequence[str] | None = None
+    n_val: int = 1
+    seed: int = 0
+    kind = "cross_subject"
+
+    def make(self, sessions: Mapping[str, Sequence[str]]) -> Split:
+        train = [str(s).removeprefix("sub-") for s in self.train_subjects]
+        test = self.test_subjects
+        if test is None:
+            test = [s for s in sorted(sessions) if s not in train]
+        return cross_subject_split(sessions, train, list(test), int(self.n_val), int(self.seed))
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """``split=data_size``: ``n_train`` sessions of LOSO fold ``fold`` (draw ``repeat``)."""
+
+    subject: str | None = None
+    fold: int = 0
+    n_train: int = 2
+    repeat: int = 0
+    mode: str = "random"
+    n_val: int = 1
+    seed: int = 0
+    kind = "data_size"
+
+    def make(self, sessions: Mapping[str, Sequence[str]]) -> Split:
+        subject = self.subject or sorted(sessions)[0]
         return data_size_split(
             sessions,
             subject,
-            int(config.get("fold", 0)),
-            int(config["n_train"]),
-            int(config.get("repeat", 0)),
-            n_val,
-            str(config.get("mode", "random")),
-            seed,
+            int(self.fold),
+            int(self.n_train),
+            int(self.repeat),
+            int(self.n_val),
+            str(self.mode),
+            int(self.seed),
         )
-    raise ValueError(f"unknown split kind {kind!r}; expected loso, cross_subject or data_size")
+
+
+def splitter(config) -> LeaveOneSessionOut | CrossSubject | DataSize:
+    """The split object of a config node (``_target_`` + fields) or the object itself."""
+    if hasattr(config, "make"):
+        return config
+    if not isinstance(config, Mapping) or "_target_" not in config:
+        keys = sorted(config) if isinstance(config, Mapping) else type(config).__name__
+        raise ValueError(
+            f"split: expected a config with _target_ (e.g. painnet.data.splits."
+            f"LeaveOneSessionOut, see conf/split/*.yaml), got {keys}"
+        )
+    from hydra.utils import get_class
+    from omegaconf import DictConfig, OmegaConf
+
+    fields = (
+        OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    )
+    fields = dict(fields)
+    target = fields.pop("_target_")
+    try:
+        made = get_class(target)(**fields)  # split configs are flat: no nested _target_
+    except TypeError as err:
+        raise ValueError(f"split (_target_={target}): {err}") from err
+    if not hasattr(made, "make"):
+        raise ValueError(f"split._target_={config['_target_']} has no make(sessions) method")
+    return made
+
+
+def make_split(config, sessions: Mapping[str, Sequence[str]]) -> Split:
+    """The :class:`Split` of a split config (``conf/split/*.yaml``) on a dataset's sessions."""
+    return splitter(config).make(sessions)

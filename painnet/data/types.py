@@ -34,7 +34,8 @@ class RunFiles:
     """The files of one run, paired by discovery.
 
     ``kind`` says how to read ``bold``: ``nifti`` (4D volume), ``cifti`` (dtseries) or
-    ``tsv`` (already parcellated, one column per parcel).
+    ``tsv`` (already parcellated, one column per parcel). ``tr_source`` says where ``tr`` came
+    from (the sidecar, or the image header when there is none), for error messages.
     """
 
     key: RunKey
@@ -45,6 +46,7 @@ class RunFiles:
     ratings_json: Path
     kind: str
     tr: float
+    tr_source: str = ""
 
 
 @dataclass

@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from painnet.evaluation.bins import RUN_KEYS, bin_predictions, usable_frames, validate_table
+from painnet.evaluation.bins import bin_predictions, usable_frames, validate_table
 from painnet.evaluation.bootstrap import bootstrap_draws, sort_bins, summarize_draws
 from painnet.evaluation.metrics import median_split_auc, pearson_r
-
-FRAME_KEYS = RUN_KEYS + ["frame"]
+from painnet.evaluation.table import FRAME_KEYS
 
 
 def check_same_frames(table_a: pd.DataFrame, table_b: pd.DataFrame) -> None:

@@ -22,19 +22,20 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.metrics import roc_curve
 
-from painnet.evaluation.bins import (
+from painnet.evaluation.bins import bin_validated, usable_frames, validate_table
+from painnet.evaluation.bootstrap import hierarchical_bootstrap
+from painnet.evaluation.metrics import compute_metrics
+from painnet.evaluation.protocol import EvalProtocol, as_protocol
+from painnet.evaluation.table import (
+    BIN_SIZE_NAMES,
     BIN_SIZES,
     RUN_KEYS,
     SESSION_KEYS,
-    bin_validated,
-    usable_frames,
-    validate_table,
+    json_safe,
 )
-from painnet.evaluation.bootstrap import hierarchical_bootstrap
-from painnet.evaluation.metrics import compute_metrics
 
 POINT_METRICS = ("r", "auc", "within_run_r", "within_session_r", "r2", "mae", "n_bins")
-CI_METRICS = ("r", "auc")
+CI_METRICS = ("r", "auc", "within_run_r", "within_session_r")
 CI_FIELDS = ("ci_low", "ci_high", "p")
 # metrics.csv column -> flat key template ({s} = bin size)
 CSV_KEYS = {
@@ -47,7 +48,13 @@ CSV_KEYS = {
     "auc_ci_high": "auc_{s}_ci_high",
     "auc_p": "auc_{s}_p",
     "within_run_r": "within_run_r_{s}",
+    "within_run_r_ci_low": "within_run_r_{s}_ci_low",
+    "within_run_r_ci_high": "within_run_r_{s}_ci_high",
+    "within_run_r_p": "within_run_r_{s}_p",
     "within_session_r": "within_session_r_{s}",
+    "within_session_r_ci_low": "within_session_r_{s}_ci_low",
+    "within_session_r_ci_high": "within_session_r_{s}_ci_high",
+    "within_session_r_p": "within_session_r_{s}_p",
     "r2": "r2_{s}",
     "mae": "mae_{s}",
     "n_bins": "n_bins_{s}",
@@ -63,9 +70,15 @@ def evaluate_predictions(
     n_boot: int = 10_000,
     seed: int = 0,
     plots: bool = True,
-    bin_sizes: Sequence[str] = ("1min", "2min", "run", "session"),
+    bin_sizes: Sequence[str] = BIN_SIZE_NAMES,
+    protocol: EvalProtocol | dict | str | None = None,
 ) -> dict[str, float | int]:
     """Metrics of one model's prediction table at each bin size, as one flat dict.
+
+    ``protocol`` (config ``eval.protocol``; default painnet's rules, ``"lee2026"`` the study's):
+    bin rule and count, session value, median ties, AUC labels, one-class draws, p and CI
+    rules, see :class:`painnet.evaluation.protocol.EvalProtocol`. Within-run and
+    within-session r also get ``_ci_low, _ci_high, _p`` keys.
 
     Keys per bin size ``s``: ``r_s, auc_s, within_run_r_s, within_session_r_s, r2_s, mae_s,
     n_bins_s, r_s_ci_low, r_s_ci_high, r_s_p, auc_s_ci_low, auc_s_ci_high, auc_s_p``; plus
@@ -89,9 +102,10 @@ def evaluate_predictions(
         "n_runs": int(frames.groupby(RUN_KEYS).ngroups),
         "n_frames": int(len(frames)),
     }
-    binned = {s: bin_validated(table, s) for s in bin_sizes}
+    protocol = as_protocol(protocol)
+    binned = {s: bin_validated(table, s, protocol) for s in bin_sizes}
     for size, bins in binned.items():
-        metrics.update(_metrics_for_bin_size(bins, size, n_boot, seed))
+        metrics.update(_metrics_for_bin_size(bins, size, n_boot, seed, protocol))
 
     if out_dir is not None:
         write_outputs(metrics, binned, Path(out_dir))
@@ -100,11 +114,15 @@ def evaluate_predictions(
     return metrics
 
 
-def _metrics_for_bin_size(binned: pd.DataFrame, size: str, n_boot: int, seed: int) -> dict:
+def _metrics_for_bin_size(
+    binned: pd.DataFrame, size: str, n_boot: int, seed: int, protocol: EvalProtocol | None = None
+) -> dict:
     """Flat point metrics + bootstrap CI/p of one bin size, keys suffixed with ``_<size>``."""
-    point = compute_metrics(binned)
+    point = compute_metrics(binned, protocol)
     out: dict[str, float | int] = {f"{name}_{size}": point[name] for name in POINT_METRICS}
-    boot = hierarchical_bootstrap(binned, n_boot=n_boot, seed=seed) if n_boot > 0 else None
+    boot = None
+    if n_boot > 0:
+        boot = hierarchical_bootstrap(binned, n_boot=n_boot, seed=seed, protocol=protocol)
     for name in CI_METRICS:
         for field in CI_FIELDS:
             out[f"{name}_{size}_{field}"] = boot[name][field] if boot else float("nan")
@@ -157,18 +175,6 @@ def evaluate_by(
 
 
 # --------------------------------------------------------------------------- files
-
-
-def json_safe(metrics: dict) -> dict:
-    """Copy with numpy scalars as Python numbers and NaN/inf as None."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
 
 
 def write_outputs(metrics: dict, binned: dict[str, pd.DataFrame], out_dir: Path) -> None:

@@ -3,9 +3,11 @@
     python -m painnet.experiments.aggregate multirun/within_subject/2026-11-25/10-00-00
     python -m painnet.experiments.aggregate outputs/data_size/... --n-boot 10000 --wandb
 
-A job folder is any folder below the given one holding metrics.json, predictions.csv,
-split.json and a config (job.yaml, else .hydra/config.yaml) -- what ``run_single`` writes, in a
-loop or a Hydra multirun alike. Held-out predictions are concatenated and evaluated once per
+A job folder is any folder below the given one holding the completion marker ``DONE.json``
+(with predictions.csv, split.json and job.yaml) -- what ``run_single`` writes, in a loop or a
+Hydra multirun alike. Jobs are keyed by model variant id (name + config hash) and split, so two
+variants of one model are two rows, never one silently chosen; a model name shared by several
+variants is shown with its hash (``convattn-3fa2c1``). Pretraining jobs are left out. Held-out predictions are concatenated and evaluated once per
 group, as the reference study does:
 
 - leave-one-session-out jobs (``within_subject``, ``finetune``): one row per participant ×
@@ -25,18 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from painnet.evaluation.report import evaluate_by
+from painnet.evaluation.table import LABEL_DTYPES, json_value
 from painnet.experiments.compare import compare_models, plot_comparison
+from painnet.experiments.jobdir import DONE, RESOLVED_CONFIG
 from painnet.experiments.learning_curve import (
     learning_curve,
     plot_learning_curves,
@@ -46,8 +49,7 @@ from painnet.experiments.learning_curve import (
 log = logging.getLogger(__name__)
 
 AGGREGATE_DIR = "aggregate"
-REQUIRED_FILES = ("metrics.json", "predictions.csv", "split.json")
-LABEL_DTYPES = {"subject": str, "session": str, "run": str, "fold": str, "model": str}
+REQUIRED_FILES = (DONE, "predictions.csv", "split.json", RESOLVED_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,15 @@ class RunRecord:
     config: dict
     split: dict
     metrics: dict
-    model: str
-
-    @property
-    def kind(self) -> str:
-        return str(self.config.get("split", {}).get("kind", "unknown"))
+    model: str  # variant name (model.name + arm/ensemble suffix)
+    model_id: str = ""  # variant id: name + hash
+    kind: str = "unknown"  # split kind: loso, cross_subject, data_size
+    role: str = "result"  # "pretrain" jobs are not aggregated
+    label: str = ""  # what tables show: the name, or the id when a name has several variants
 
     def predictions(self) -> pd.DataFrame:
         table = pd.read_csv(self.directory / "predictions.csv", dtype=LABEL_DTYPES)
-        table["model"] = self.model
+        table["model"] = self.label or self.model
         return table
 
 
@@ -76,24 +78,22 @@ class RunRecord:
 def read_run(directory: Path) -> RunRecord:
     """The record of a job folder; FileNotFoundError names what is missing."""
     missing = [f for f in REQUIRED_FILES if not (directory / f).is_file()]
-    config_file = directory / "job.yaml"
-    if not config_file.is_file():
-        config_file = directory / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        missing.append("job.yaml or .hydra/config.yaml")
     if missing:
         raise FileNotFoundError(f"{directory}: not a finished job folder, missing {missing}")
-    config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
-    models = pd.read_csv(directory / "predictions.csv", usecols=["model"], dtype=str)["model"]
-    names = sorted(models.dropna().unique())
-    if len(names) != 1:
-        raise ValueError(f"{directory}/predictions.csv: expected one model, found {names}")
+    config = OmegaConf.to_container(OmegaConf.load(directory / RESOLVED_CONFIG), resolve=False)
+    done = json.loads((directory / DONE).read_text())
     return RunRecord(
         directory=directory,
         config=config,
         split=json.loads((directory / "split.json").read_text()),
-        metrics=json.loads((directory / "metrics.json").read_text()),
-        model=names[0],
+        metrics=done.get("metrics") or {},
+        model=str(done["model"]),
+        # the variant as planned: a study's injected values (DataSize inherit) do not split it
+        model_id=str(
+            (config.get("job") or {}).get("variant") or done.get("model_id") or done["model"]
+        ),
+        kind=str(done.get("split_kind", "unknown")),
+        role=str(done.get("role", "result")),
     )
 
 
@@ -105,25 +105,37 @@ def collect_runs(root: str | Path) -> list[RunRecord]:
     runs, unfinished = [], []
     for predictions in sorted(root.rglob("predictions.csv")):
         directory = predictions.parent
-        if AGGREGATE_DIR in directory.relative_to(root).parts:
+        if AGGREGATE_DIR in directory.relative_to(root).parts or ".staging" in directory.parts:
             continue
-        if not (directory / "metrics.json").is_file():
+        if not (directory / DONE).is_file():
             unfinished.append(directory)
             continue
-        runs.append(read_run(directory))
+        run = read_run(directory)
+        if run.role != "pretrain":
+            runs.append(run)
     if unfinished:
         log.warning("%d unfinished job(s) left out: %s", len(unfinished), unfinished[:5])
-    return _drop_duplicates(runs)
+    return _labelled(_drop_duplicates(runs))
+
+
+def _labelled(runs: list[RunRecord]) -> list[RunRecord]:
+    """Each run's table label: its name, or its variant id when the name has several."""
+    ids_per_name = Counter(name for name, _ in {(r.model, r.model_id) for r in runs})
+    for run in runs:
+        label = run.model if ids_per_name[run.model] == 1 else run.model_id
+        object.__setattr__(run, "label", label)
+    return runs
 
 
 def _drop_duplicates(runs: list[RunRecord]) -> list[RunRecord]:
-    """Keep one run per (model, split): a job run twice (e.g. in two sweeps) counts once."""
+    """Keep one run per (model variant, split): a job run twice (e.g. copied into two sweep
+    folders) counts once."""
     latest: dict[tuple, RunRecord] = {}
     for run in runs:
-        key = (run.model, run.split.get("name"))
+        key = (run.model_id, run.split.get("name"))
         old = latest.get(key)
-        mtime = (run.directory / "metrics.json").stat().st_mtime
-        if old is None or mtime > (old.directory / "metrics.json").stat().st_mtime:
+        mtime = (run.directory / DONE).stat().st_mtime
+        if old is None or mtime > (old.directory / DONE).stat().st_mtime:
             if old is not None:
                 log.warning("%s ran twice; using %s", key, run.directory)
             latest[key] = run
@@ -140,7 +152,8 @@ def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
                 "directory": str(run.directory),
                 "kind": run.kind,
                 "split": run.split.get("name"),
-                "model": run.model,
+                "model": run.label or run.model,
+                "model_id": run.model_id,
                 "subject": _subject_of(run),
                 "fold": split.get("fold"),
                 "n_train": split.get("n_train"),
@@ -182,7 +195,7 @@ def within_subject_table(runs: list[RunRecord], out_dir: Path | None, **eval_kw)
     """LOSO folds pooled per participant × model: one evaluation of all held-out sessions."""
     table = pooled_predictions(runs)
     result = evaluate_by(table, by=("subject", "model"), out_dir=out_dir, **eval_kw)
-    folds = table.groupby(["subject", "model"])["fold"].nunique().rename("n_folds")
+    folds = table.groupby(["subject", "model"])["split"].nunique().rename("n_folds")
     result = result.merge(folds.reset_index(), on=["subject", "model"])
     return _front(result, ["subject", "model", "n_folds"])
 
@@ -214,7 +227,7 @@ def data_size_repeats(runs: list[RunRecord], **eval_kw) -> pd.DataFrame:
     )
     by = ("subject", "model", "mode", "n_train", "repeat")
     result = evaluate_by(table, by=by, out_dir=None, **{**eval_kw, "plots": False})
-    folds = table.groupby(list(by))["fold"].nunique().rename("n_folds").reset_index()
+    folds = table.groupby(list(by))["split"].nunique().rename("n_folds").reset_index()
     return _front(result.merge(folds, on=list(by)), [*by, "n_folds"])
 
 
@@ -231,6 +244,7 @@ def aggregate(
     seed: int = 0,
     plots: bool = True,
     logger_cfg: Mapping | None = None,
+    protocol=None,
 ) -> dict[str, pd.DataFrame]:
     """Collect the finished jobs under ``root``; write (and return) the experiment tables.
 
@@ -245,6 +259,8 @@ def aggregate(
     out = root / AGGREGATE_DIR
     out.mkdir(exist_ok=True)
     eval_kw = {"n_boot": int(n_boot), "seed": int(seed), "plots": bool(plots)}
+    if protocol is not None:  # eval.protocol: the binning and bootstrap rules (e.g. lee2026)
+        eval_kw["protocol"] = protocol
     by_kind: dict[str, list[RunRecord]] = {}
     for run in runs:
         by_kind.setdefault(run.kind, []).append(run)
@@ -282,17 +298,9 @@ def write_table(table: pd.DataFrame, stem: Path) -> None:
     """``stem.csv`` and ``stem.json`` (records; NaN as null)."""
     table.to_csv(stem.with_suffix(".csv"), index=False)
     records = [
-        {k: _json_value(v) for k, v in row.items()} for row in table.to_dict(orient="records")
+        {k: json_value(v) for k, v in row.items()} for row in table.to_dict(orient="records")
     ]
     stem.with_suffix(".json").write_text(json.dumps(records, indent=1))
-
-
-def _json_value(value):
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _print_tables(tables: Mapping[str, pd.DataFrame]) -> None:
@@ -351,6 +359,11 @@ class AggregateCallback(Callback):
             aggregate(config.hydra.sweep.dir, **self.kw, logger_cfg=config.get("logger"))
         except FileNotFoundError as err:  # e.g. every job failed: nothing to aggregate
             log.error("aggregation skipped: %s", err)
+            return
+        if config.get("study"):
+            from painnet.experiments.runner import make_study, run_after_steps
+
+            run_after_steps(make_study(config), Path(config.hydra.sweep.dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,19 +21,17 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from painnet.evaluation import paired_bootstrap_difference
+from painnet.evaluation.table import BIN_SIZE_NAMES as BIN_SIZES
+from painnet.evaluation.table import FRAME_KEYS, usable_mask
 
 log = logging.getLogger(__name__)
-
-FRAME_KEYS = ["subject", "session", "run", "frame"]
-BIN_SIZES = ("1min", "2min", "run", "session")
 
 
 def common_frames(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``a`` and ``b`` restricted to the frames both scored (finite rating and prediction)."""
 
     def usable_keys(t: pd.DataFrame) -> pd.DataFrame:
-        ok = np.isfinite(t["rating"].to_numpy(float)) & np.isfinite(t["prediction"].to_numpy(float))
-        return t.loc[ok, FRAME_KEYS]
+        return t.loc[usable_mask(t), FRAME_KEYS]
 
     shared = usable_keys(a).merge(usable_keys(b), on=FRAME_KEYS)
     return a.merge(shared, on=FRAME_KEYS), b.merge(shared, on=FRAME_KEYS)

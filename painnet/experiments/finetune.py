@@ -1,9 +1,12 @@
-"""Per-participant fine-tuning: pretrain on the other participants, then adapt to the target.
+"""Per-participant fine-tuning as a Lightning callback.
 
-The pretraining split holds only sessions of the *other* participants (cross-subject split with
-the target as test subject), so the target's held-out session is never seen. Fine-tuning then
-trains on the target's own training sessions exactly as a from-scratch run would, starting from
-the pretrained weights: all of them (``mode: all``) or only the head (``mode: head``).
+Fine-tuning starts a run from a model pretrained on the *other* participants: the pretraining is
+a job of its own (see :class:`painnet.experiments.studies.Finetune`, split
+:class:`painnet.data.splits.CrossSubject` with the target as test participant, so the target's
+sessions are never trained on), and the fine-tuning jobs depend on it. The fine-tuning run is an
+ordinary training run on the target's training sessions plus this callback, which loads the
+pretrained weights (``finetune.pretrained_ckpt``) before the optimiser is built and, with
+``finetune.mode=head``, freezes everything but the head.
 """
 
 from __future__ import annotations
@@ -11,68 +14,51 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
-from painnet.data.datamodule import PainDataModule
-from painnet.data.splits import sessions_by_subject
+from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
-
-def target_subject(dm: PainDataModule) -> str:
-    subjects = {subject for subject, _ in dm.split.test}
-    if len(subjects) != 1:
-        raise ValueError(
-            f"fine-tuning needs a split with one test participant, got {sorted(subjects)}"
-        )
-    return subjects.pop()
+MODES = ("all", "head")
 
 
-def pretrain_split(cfg: DictConfig, dm: PainDataModule) -> dict:
-    target = target_subject(dm)
-    everyone = sessions_by_subject([f.key.session_key for f in dm._discover()])
-    others = [s for s in sorted(everyone) if s != target]
+class BackboneFinetuning(Callback):
+    """Load ``ckpt`` into the task's net at ``setup`` of fit; ``mode=head`` freezes the backbone.
+
+    ``setup`` runs before Lightning configures the optimiser, so a frozen backbone's parameters
+    never reach it.
+    """
+
+    def __init__(self, ckpt: str | Path, mode: str = "all"):
+        if mode not in MODES:
+            raise ValueError(f"finetune.mode must be one of {MODES}, got {mode!r}")
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"finetune.pretrained_ckpt={ckpt}: no such checkpoint")
+        self.ckpt = str(ckpt)
+        self.mode = mode
+        self._applied = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self._applied:
+            return
+        pl_module.load_backbone_from(self.ckpt)
+        if self.mode == "head":
+            pl_module.freeze_backbone()
+        self._applied = True
+        log.info("fine-tuning from %s (mode %s)", self.ckpt, self.mode)
+
+
+def pretrain_split(subject: str, subjects: list[str], n_val: int, seed: int) -> dict:
+    """The split config of the pretraining job of ``subject``: every other participant."""
+    others = [s for s in sorted(subjects) if s != subject]
     if not others:
-        raise ValueError(f"fine-tuning needs other participants than {target} to pretrain on")
+        raise ValueError(
+            f"fine-tuning sub-{subject} needs other participants to pretrain on; the dataset "
+            f"holds only {sorted(subjects)}"
+        )
     return {
-        "kind": "cross_subject",
+        "_target_": "painnet.data.splits.CrossSubject",
         "train_subjects": others,
-        "test_subjects": [target],
-        "n_val": int(cfg.finetune.get("n_val", 1)),
-        "seed": int(cfg.seed),
+        "test_subjects": [subject],
+        "n_val": int(n_val),
+        "seed": int(seed),
     }
-
-
-def pretrain(cfg: DictConfig, dm: PainDataModule, output_dir: Path) -> Path:
-    """Train on the pooled other participants; returns the best checkpoint path."""
-    from painnet.experiments.single import build_datamodule, build_task, build_trainer
-
-    pre_cfg = OmegaConf.merge(cfg, {"trainer": {"max_epochs": int(cfg.finetune.pretrain_epochs)}})
-    pre_dm = build_datamodule(pre_cfg, split=pretrain_split(cfg, dm))
-    task = build_task(pre_cfg, pre_dm)
-    pre_dir = output_dir / "pretrain"
-    if (pre_cfg.get("callbacks") or {}).get("model_checkpoint"):
-        pre_cfg.callbacks.model_checkpoint.dirpath = str(pre_dir / "checkpoints")
-    trainer = build_trainer(pre_cfg, pre_dir, with_loggers=False)
-    trainer.fit(task, datamodule=pre_dm)
-    # Without a checkpoint callback (callbacks=none) the last weights are the pretrained ones.
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if not best:
-        best = str(pre_dir / "checkpoints" / "last.ckpt")
-        trainer.save_checkpoint(best)
-    log.info("pretrained on %s: %s", pre_dm.split.name, best)
-    return Path(best)
-
-
-def prepare_finetuning(cfg: DictConfig, task, dm: PainDataModule, output_dir: Path) -> Path:
-    """Load pretrained weights into ``task`` (pretraining first if no checkpoint is given)."""
-    ft = cfg.finetune
-    ckpt = ft.get("pretrained_ckpt")
-    ckpt = Path(ckpt) if ckpt else pretrain(cfg, dm, Path(output_dir))
-    task.load_backbone_from(str(ckpt))
-    mode = ft.get("mode", "all")
-    if mode == "head":
-        task.freeze_backbone()
-    elif mode != "all":
-        raise ValueError(f"finetune.mode must be 'all' or 'head', got {mode!r}")
-    return ckpt

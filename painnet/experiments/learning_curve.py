@@ -4,8 +4,15 @@ Input: the per-repeat table of :func:`painnet.experiments.aggregate.data_size_re
 row per participant × model × mode × n (``n_train``) × repeat, each the pooled evaluation of
 that repeat's held-out predictions over all outer folds (flat metrics ``r_<s>``, ``r_<s>_p``).
 
-- A repeat is *significant* at bin size s when ``r_<s>_p < 0.05`` and ``r_<s> > 0``.
-- The smallest significant n is the smallest n at which more than half of the repeats are.
+- A repeat is *significant* at bin size s when ``r_<s>_p < 0.05`` and ``r_<s> > 0`` (the
+  study's ``rall_bootp < 0.05 & rall_r > 0``, analysis_visualize_model_trainsize.m:111).
+- The study's "minimum sessions" statistic, reported exactly as its code computes it
+  (analysis_visualize_model_trainsize.m:115-117): ``(number of n with fraction significant
+  < 0.5) + 1`` (column ``min_sessions_study``). It is a count, so it equals an n only when the
+  curve covers n = 1, 2, … without gaps, and on a non-monotone curve it can differ from the
+  first n that reaches 50%. Beside it: ``first_n_half_significant``, the smallest n whose
+  fraction significant is >= 0.5, and ``min_n_significant``, the smallest n where more than
+  half of the repeats are significant (> 0.5, painnet's earlier statistic).
 - The slope is the least-squares slope of r against n over all repeats (``scipy.stats.
   linregress``), with its 95% CI and p.
 - The curve's band is the 95% CI of the mean r over repeats (t interval; NaN with 1 repeat).
@@ -83,17 +90,36 @@ def size_summary(repeats: pd.DataFrame, bin_sizes: Sequence[str] = BIN_SIZES) ->
                 (curve.bin_size == size)
                 & np.logical_and.reduce([curve[c] == v for c, v in zip(GROUP, key, strict=True)])
             ]
-            passing = points.loc[points.frac_significant > 0.5, "n_train"]
             rows.append(
                 {
                     **dict(zip(GROUP, key, strict=True)),
                     "bin_size": size,
                     "n_values": int(group["n_train"].nunique()),
-                    "min_n_significant": float(passing.min()) if len(passing) else np.nan,
+                    **minimum_sessions(points["n_train"], points["frac_significant"]),
                     **_slope(group["n_train"].to_numpy(float), group[f"r_{size}"].to_numpy(float)),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def minimum_sessions(n_train: pd.Series, frac_significant: pd.Series) -> dict[str, float]:
+    """The study's minimum-sessions count and its two first-n variants for one curve.
+
+    ``min_sessions_study`` = (number of n whose fraction significant is < 0.5) + 1, exactly as
+    analysis_visualize_model_trainsize.m:116 (``sum(rall_bootsig < thr/100) + 1``, thr = 50);
+    NaN fractions count as not below 0.5, as MATLAB's comparison with NaN is false.
+    ``first_n_half_significant``: smallest n with fraction >= 0.5; ``min_n_significant``:
+    smallest n with fraction > 0.5 (NaN when none).
+    """
+    n = np.asarray(n_train, dtype=float)
+    frac = np.asarray(frac_significant, dtype=float)
+    half = n[frac >= 0.5]
+    more = n[frac > 0.5]
+    return {
+        "min_sessions_study": float(np.sum(frac < 0.5) + 1) if n.size else np.nan,
+        "first_n_half_significant": float(half.min()) if half.size else np.nan,
+        "min_n_significant": float(more.min()) if more.size else np.nan,
+    }
 
 
 def _slope(n: np.ndarray, r: np.ndarray) -> dict[str, float]:

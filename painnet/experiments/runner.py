@@ -1,37 +1,37 @@
 """Run an experiment: every job in-process (a loop), or one job per Hydra multirun process.
 
     python train.py experiment=within_subject                      # loop: all subjects × folds
-    python train.py -m experiment=within_subject split.subject=01,02 split.fold='range(8)'
+    python train.py -m experiment=within_subject split.subject=01,02 'split.fold=range(8)'
 
-Both write the same job folders (``<model>/<split name>/`` with predictions.csv, metrics.json,
-split.json, job.yaml and .hydra/config.yaml) and both skip a job whose metrics.json already
-exists, so rerunning an interrupted loop (same ``hydra.run.dir``) or sweep (same
-``hydra.sweep.dir``) only trains what is missing. The loop aggregates at the end; a sweep
-aggregates in its ``on_multirun_end`` callback or with ``python -m painnet.experiments.aggregate``.
+Both write the same job folders, ``<experiment dir>/<variant id>/<split name>/`` (see
+:mod:`painnet.experiments.jobs`), and both reuse a job whose ``DONE.json`` records the same
+config hash: rerunning an interrupted loop (same ``hydra.run.dir``) or sweep (same
+``hydra.sweep.dir``, jobs in any order) trains only what is missing. A finished job whose config
+changed is an error listing the changed keys (``on_config_change=overwrite`` retrains it). A
+loop locks its experiment folder (a second loop there fails with "already running (pid …)").
+The loop aggregates at the end and then calls the ``study.after`` steps; a sweep does both in
+its ``on_multirun_end`` callback (or ``python -m painnet.experiments.aggregate DIR``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from painnet.experiments.jobs import (
-    DONE_MARKER,
-    Job,
-    is_finished,
-    job_config,
-    plan_jobs,
-    sweep_job,
-    tracking_overrides,
-)
+from painnet.experiments.identity import HASH_LENGTH
+from painnet.experiments.jobdir import RunLock, read_done
+from painnet.experiments.jobs import Job, resolved_job_config, tracking_overrides
 
 log = logging.getLogger(__name__)
+
+# How long a sweep process waits for another process that runs a job it depends on.
+DEPENDENCY_WAIT_S = 24 * 3600.0
 
 
 @dataclass
@@ -39,7 +39,7 @@ class JobResult:
     job: Job
     directory: Path
     metrics: dict
-    ran: bool  # False: skipped because it had finished before
+    ran: bool  # False: reused, it had finished before with the same config
 
 
 def configure_threads(cfg: DictConfig) -> None:
@@ -58,8 +58,6 @@ def configure_threads(cfg: DictConfig) -> None:
 
 def dataset_sessions(cfg: DictConfig) -> dict[str, list[str]]:
     """Sessions of every participant of ``cfg.data`` (simulating/caching the dataset if needed)."""
-    from hydra.utils import instantiate
-
     from painnet.data.splits import sessions_by_subject
 
     dm = instantiate(cfg.data, split=cfg.get("split") or {}, _recursive_=False)
@@ -67,118 +65,115 @@ def dataset_sessions(cfg: DictConfig) -> dict[str, list[str]]:
     return sessions_by_subject([f.key.session_key for f in dm._discover()])
 
 
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def make_study(cfg: DictConfig):
+    if not cfg.get("study") or "_target_" not in cfg.study:
+        raise ValueError("study: an experiment needs a study config with _target_ (conf/study/)")
+    if "_convert_" in cfg.study:  # the study config chose how its arguments arrive
+        return instantiate(cfg.study)
+    return instantiate(cfg.study, _convert_="all")
+
+
 # --------------------------------------------------------------------------- one job
 
 
-def run_job(
-    cfg: DictConfig, job: Job, job_dir: str | Path, experiment_dir: str | Path
-) -> JobResult:
-    """Run ``job`` into ``job_dir`` unless it finished before (then its metrics are read back)."""
+def run_job(job: Job, experiment_dir: Path, wait_s: float = 0.0) -> JobResult:
+    """Run ``job`` (its dependencies first) unless it finished before with the same config."""
     from painnet.experiments.single import run_single
 
-    job_dir = Path(job_dir)
-    if is_finished(job_dir):
-        log.info("skip %s: finished before (%s)", job.name, job_dir / DONE_MARKER)
-        return JobResult(job, job_dir, json.loads((job_dir / DONE_MARKER).read_text()), False)
-    # Leftovers of an interrupted attempt would make Lightning write best-v1.ckpt beside them.
-    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
-    jcfg = job_config(cfg, job, job_dir)
-    if job.arm == "finetune":
-        ckpt = pretrained_checkpoint(jcfg, str(job.meta["subject"]), Path(experiment_dir))
-        with open_dict(jcfg):
-            jcfg.finetune.pretrained_ckpt = str(ckpt)
-    tracking_overrides(jcfg, jcfg.job, str(job.meta.get("model")))
-    save_job_config(jcfg, job_dir)
-    metrics = run_single(jcfg, job_dir)
-    return JobResult(job, job_dir, metrics, True)
-
-
-def save_job_config(cfg: DictConfig, job_dir: Path) -> None:
-    """job.yaml: the job's effective config; .hydra/config.yaml too when Hydra wrote none (loop)."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.save(resolved, job_dir / "job.yaml")
-    hydra_cfg = job_dir / ".hydra" / "config.yaml"
-    if not hydra_cfg.is_file():
-        hydra_cfg.parent.mkdir(exist_ok=True)
-        OmegaConf.save(resolved, hydra_cfg)
-
-
-def pretrained_checkpoint(cfg: DictConfig, subject: str, experiment_dir: Path) -> Path:
-    """A model pretrained on every participant but ``subject``, trained once per experiment.
-
-    Stored as ``<experiment_dir>/pretrain/<model>_sub-<subject>/pretrained.ckpt`` (moved there
-    atomically when pretraining ends), so all folds of the participant -- in this process or in
-    other sweep processes -- reuse it. An explicit ``finetune.pretrained_ckpt`` wins.
-    """
-    import lightning as L
-
-    from painnet.experiments.finetune import pretrain
-    from painnet.experiments.single import build_datamodule, model_name
-
-    given = cfg.finetune.get("pretrained_ckpt")
-    if given:
-        if not Path(given).is_file():
-            raise FileNotFoundError(f"finetune.pretrained_ckpt={given}: no such checkpoint")
-        return Path(given)
-    scratch_name = model_name(OmegaConf.merge(cfg, {"finetune": None}))
-    target = experiment_dir / "pretrain" / f"{scratch_name}_sub-{subject}" / "pretrained.ckpt"
-    if target.is_file():
-        return target
-    work = target.parent / f"work-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    pcfg = OmegaConf.merge(cfg, {"paths": {"output_dir": str(work)}})
-    with open_dict(pcfg):
-        # Any fold of the target works: pretraining sees only the other participants.
-        pcfg.split = {"kind": "loso", "subject": subject, "fold": 0, "n_val": 1, "seed": cfg.seed}
-    L.seed_everything(int(cfg.seed), workers=True)
-    best = pretrain(pcfg, build_datamodule(pcfg), work)
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(best, tmp)
-    os.replace(tmp, target)
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("pretrained for sub-%s: %s", subject, target)
-    return target
+    for dep in job.depends_on:
+        run_job(dep.job, experiment_dir, wait_s=DEPENDENCY_WAIT_S if wait_s else 0.0)
+    directory = job.directory(experiment_dir)
+    jcfg = resolved_job_config(job, experiment_dir)
+    before = read_done(directory)
+    if wait_s and before is None:
+        # Another sweep process may be running this job (a shared dependency): wait for it.
+        RunLock(directory).acquire(wait_s=wait_s).release()
+        before = read_done(directory)
+    tracking_overrides(jcfg, {**jcfg.job, "name": job.name}, job.model)
+    metrics = run_single(jcfg, directory)
+    after = read_done(directory)
+    ran = before is None or (after or {}).get("config_hash") != before.get("config_hash")
+    return JobResult(job, directory, metrics, ran)
 
 
 # --------------------------------------------------------------------------- experiments
 
 
-def run_experiment(cfg: DictConfig, experiment_dir: str | Path) -> dict:
-    """Every job of ``cfg.study`` in this process, then the experiment-level aggregation.
+def plan_experiment(cfg: DictConfig, overrides=None) -> list[Job]:
+    return make_study(cfg).plan_all(cfg, dataset_sessions(cfg), overrides)
 
-    Returns ``{"jobs": [JobResult], "ran": int, "skipped": int, "tables": {name: DataFrame}}``.
+
+def run_experiment(cfg: DictConfig, experiment_dir: str | Path, overrides=None) -> dict:
+    """Every job of ``cfg.study`` in this process, then aggregation and the ``after`` steps.
+
+    ``overrides``: the command line's overrides (their ``model.*`` ones reach every variant of
+    ``study.models``). Returns ``{"jobs": [JobResult], "ran": int, "skipped": int, "tables":
+    {name: DataFrame}}``.
     """
     from painnet.experiments.aggregate import aggregate
 
     experiment_dir = Path(experiment_dir)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan_jobs(cfg, dataset_sessions(cfg))
-    log.info("%s: %d jobs in %s", cfg.study.kind, len(jobs), experiment_dir)
-    results = []
-    for i, job in enumerate(jobs, 1):
-        log.info("[%d/%d] %s", i, len(jobs), job.name)
-        results.append(run_job(cfg, job, job.directory(experiment_dir), experiment_dir))
-    ran = sum(r.ran for r in results)
-    log.info("%d jobs trained, %d skipped (finished before)", ran, len(results) - ran)
-    eval_cfg = cfg.get("eval") or {}
-    tables = aggregate(
-        experiment_dir,
-        n_boot=int(eval_cfg.get("n_boot", 10_000)),
-        seed=int(cfg.seed),
-        plots=bool(eval_cfg.get("plots", True)),
-        logger_cfg=cfg.get("logger"),
-    )
+    study = make_study(cfg)
+    with RunLock(experiment_dir):
+        jobs = study.plan_all(cfg, dataset_sessions(cfg), overrides)
+        log.info("%s: %d jobs in %s", study.kind, len(jobs), experiment_dir)
+        results = []
+        for i, job in enumerate(jobs, 1):
+            log.info("[%d/%d] %s", i, len(jobs), job.name)
+            results.append(run_job(job, experiment_dir))
+        ran = sum(r.ran for r in results)
+        log.info("%d jobs trained, %d reused (finished before)", ran, len(results) - ran)
+        eval_cfg = cfg.get("eval") or {}
+        tables = aggregate(
+            experiment_dir,
+            n_boot=int(eval_cfg.get("n_boot", 10_000)),
+            seed=int(cfg.seed),
+            plots=bool(eval_cfg.get("plots", True)),
+            logger_cfg=cfg.get("logger"),
+            protocol=_plain(eval_cfg.get("protocol")),
+        )
+        run_after_steps(study, experiment_dir)
     return {"jobs": results, "ran": ran, "skipped": len(results) - ran, "tables": tables}
 
 
-def run_sweep_job(cfg: DictConfig, job_dir: str | Path, experiment_dir: str | Path) -> dict:
-    """One job of a Hydra multirun: the split (and arm) are the composed config's."""
-    return run_job(cfg, sweep_job(cfg), job_dir, experiment_dir).metrics
+def run_after_steps(study, experiment_dir: Path) -> None:
+    for step in study.after:
+        log.info("step %s on %s", type(step).__name__, experiment_dir)
+        step(experiment_dir)
 
 
-def run_from_hydra(cfg: DictConfig) -> dict:
-    """Dispatch of ``train.py`` when ``cfg.study`` is set: loop or one sweep job."""
+def run_sweep_job(cfg: DictConfig, experiment_dir: str | Path) -> JobResult:
+    """One job of a Hydra multirun: the composed model on the composed split (and arm)."""
+    job = make_study(cfg).sweep_job(cfg, dataset_sessions(cfg))
+    return run_job(job, Path(experiment_dir), wait_s=DEPENDENCY_WAIT_S)
+
+
+def objective(cfg: DictConfig, outcome: dict) -> float:
+    """``study.objective`` (e.g. ``test/r_1min``) of ``study.objective_model`` (default: the
+    composed model) in the loop's pooled table; the mean over participants when several."""
+    from painnet.experiments.identity import variant_name
+
+    study = cfg.study
+    key = str(study.get("objective") or "test/r_1min").removeprefix("test/")
+    wanted = str(study.get("objective_model") or variant_name(cfg))
+    for name in ("within_subject", "cross_subject"):
+        table = outcome["tables"].get(name)
+        if table is None or table.empty or key not in table:
+            continue
+        pattern = rf"^{re.escape(wanted)}(-[0-9a-f]{{{HASH_LENGTH}}})?$"
+        rows = table[table["model"].astype(str).str.match(pattern)]
+        if not rows.empty:
+            return float(rows[key].astype(float).mean())
+    return float("nan")
+
+
+def run_from_hydra(cfg: DictConfig) -> float:
+    """Dispatch of ``train.py`` when ``cfg.study`` is set: loop or one sweep job; returns the
+    objective for sweepers."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -187,9 +182,10 @@ def run_from_hydra(cfg: DictConfig) -> dict:
     if loop == "auto":
         loop = hydra_cfg.mode != RunMode.MULTIRUN
     if loop:
-        outcome = run_experiment(cfg, hydra_cfg.runtime.output_dir)
-        within = outcome["tables"].get("within_subject")
-        if within is not None and not within.empty:
-            return {"r_1min": float(within["r_1min"].mean())}
-        return {}
-    return run_sweep_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.sweep.dir)
+        overrides = list(hydra_cfg.overrides.task)
+        outcome = run_experiment(cfg, hydra_cfg.runtime.output_dir, overrides)
+        return objective(cfg, outcome)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    result = run_sweep_job(cfg, hydra_cfg.sweep.dir if multirun else hydra_cfg.runtime.output_dir)
+    key = str(cfg.study.get("objective") or "test/r_1min").removeprefix("test/")
+    return float(result.metrics.get(key) or float("nan"))

@@ -1,160 +1,181 @@
-"""One model, one split: train → predict the held-out runs → evaluate → write outputs.
+"""One model, one split: train → predict the held-out runs → evaluate → publish atomically.
 
-This is what ``train.py`` runs. Deep models (a LightningModule config) train with Lightning;
-classical models (an estimator with ``fit(runs)`` / ``predict_run(run)``) fit on the training
-and validation sessions (they run their own inner CV). Both end in the same prediction table and
-are scored by :func:`painnet.evaluation.report.evaluate_predictions`.
+This is what ``train.py`` runs without an experiment, and what every job of an experiment runs.
+The decoder (deep or classical, see :mod:`painnet.experiments.decoder`) ends in the frame-level
+prediction table, scored by :func:`painnet.evaluation.report.evaluate_predictions`. Outputs are
+staged and published with a completion marker written last (:mod:`painnet.experiments.jobdir`):
+
+``DONE.json`` (marker: config hash, metrics, hyperparameters), ``job.yaml`` (the resolved
+config), ``predictions.csv``, ``qc.tsv`` (per run: frames, kept frames, frames censored for
+non-finite voxels), ``split.json``, ``metrics.json``, ``metrics.csv``,
+``binned_*.csv``, plots, ``checkpoints/best.ckpt`` (deep) or ``model.pkl`` (classical) or
+``members/<i>/`` (ensemble), and the loggers' folders.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
 import shutil
 from pathlib import Path
 
-import lightning as L
-import pandas as pd
-from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from painnet.data.datamodule import PainDataModule
+from painnet.data.splits import splitter
+from painnet.distributed import is_main_process, rank_label
 from painnet.evaluation.report import evaluate_predictions, print_metrics
-from painnet.experiments.predictions import table_from_batches, table_from_frame_predictions
+from painnet.experiments.decoder import make_decoder
+from painnet.experiments.identity import digest, identity_config, job_variant_id, variant_name
+from painnet.experiments.jobdir import (
+    RANK_SCRATCH,
+    RESOLVED_CONFIG,
+    RunLock,
+    fresh_staging,
+    publish,
+    read_done,
+    reuse_or_clear,
+    save_config,
+    write_done,
+)
 from painnet.experiments.tracking import finish_loggers, log_results
 
 log = logging.getLogger(__name__)
 
-DONE_MARKER = "metrics.json"
 
-
-def is_deep(model_cfg: DictConfig) -> bool:
-    return issubclass(get_class(model_cfg._target_), L.LightningModule)
-
-
-SHORT_NAMES = {"ConvAttnDecoder": "convattn", "EdgePCR": "edge_pcr", "WindowRidge": "ridge"}
-
-
-def model_name(cfg: DictConfig) -> str:
-    """Name of the model in tables and plots: ``model_name`` if set, else the config's short name."""
-    if cfg.get("model_name"):
-        return str(cfg.model_name)
-    target = cfg.model.net._target_ if "net" in cfg.model else cfg.model._target_
-    name = SHORT_NAMES.get(target.rsplit(".", 1)[-1], target.rsplit(".", 1)[-1])
-    if cfg.get("finetune"):
-        name += f"_ft-{cfg.finetune.get('mode', 'all')}"
-    return name
-
-
-def build_datamodule(cfg: DictConfig, split: DictConfig | dict | None = None) -> PainDataModule:
+def build_datamodule(cfg: DictConfig, split=None) -> PainDataModule:
     dm = instantiate(cfg.data, split=split if split is not None else cfg.split, _recursive_=False)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
-def build_task(cfg: DictConfig, dm: PainDataModule):
-    return instantiate(cfg.model, n_parcels=dm.n_parcels, n_frames=dm.window_frames)
+def with_output_dir(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(out):
+        out.paths.output_dir = str(output_dir)
+    return out
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, with_loggers: bool = True) -> L.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    if not cfg.trainer.get("enable_progress_bar", True):
-        # Lightning refuses a progress-bar callback when the bar is switched off.
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    loggers = (
-        [instantiate(c) for c in (cfg.get("logger") or {}).values() if c] if with_loggers else []
-    )
-    return instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(output_dir),
-    )
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def run_single(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Train and evaluate one model on one split; returns the flat metrics."""
+    """Train and evaluate one model on one split into ``output_dir``; returns the metrics.
+
+    A folder that already holds a finished run with the same config is reused (its metrics are
+    returned); one with a different config is an error unless ``on_config_change=overwrite``.
+
+    Under DDP (``trainer=ddp``) only rank 0 owns the folder (lock, staging, evaluation,
+    publishing); the other ranks take part in training and prediction from a scratch folder
+    and return ``{}`` (:func:`_run_peer_rank`).
+    """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True)
-    dm = build_datamodule(cfg)
-    split = dm.split
-    name = model_name(cfg)
-    log.info(
-        "split %s: train %s | val %s | test %s", split.name, split.train, split.val, split.test
-    )
+    name = variant_name(cfg)
+    make_decoder(cfg, name).validate()  # before anything is written
+    identity = identity_config(cfg)
+    config_hash = digest(identity)
+    if not is_main_process():
+        return _run_peer_rank(cfg, output_dir, name, config_hash)
+    created = not output_dir.exists()
+    try:
+        with RunLock(output_dir):
+            done = reuse_or_clear(
+                output_dir, identity, config_hash, str(cfg.get("on_config_change") or "error")
+            )
+            if done is not None:
+                log.info("%s: finished before with this config; reused", output_dir)
+                return done["metrics"]
+            return _run(cfg, output_dir, name, identity, config_hash)
+    finally:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a run that failed before writing anything leaves nothing
 
-    if is_deep(cfg.model):
-        table, trainer = _train_deep(cfg, dm, output_dir, name)
-        loggers = trainer.loggers
-    else:
-        table = _fit_classical(cfg, dm, output_dir, name)
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
 
-    table.to_csv(output_dir / "predictions.csv", index=False)
-    (output_dir / "split.json").write_text(
-        json.dumps({"name": split.name, "train": split.train, "val": split.val, "test": split.test})
+def _run_peer_rank(cfg: DictConfig, output_dir: Path, name: str, config_hash: str) -> dict:
+    """Rank k > 0 of a DDP run: the same fit and predict as rank 0 (every collective call
+    matched), in ``<output_dir>/.rank<k>/`` with no loggers; writes nothing else, returns {}.
+
+    Lightning starts these processes by re-running the command line with rank 0's
+    ``hydra.run.dir``, so they must neither take rank 0's lock nor touch its outputs.
+    """
+    import lightning as L
+
+    done = read_done(output_dir)
+    if done is not None and done.get("config_hash") == config_hash:
+        return {}  # rank 0 reuses the finished run too (processes started outside Lightning)
+    scratch = output_dir / f"{RANK_SCRATCH}{rank_label()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        stage_cfg = with_output_dir(cfg, scratch)
+        L.seed_everything(int(cfg.seed), workers=True)
+        dm = build_datamodule(stage_cfg)
+        decoder = make_decoder(stage_cfg, name).fit(dm, scratch, ())
+        decoder.predict(dm)  # the gather is collective: every rank predicts
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {}
+
+
+def _run(cfg: DictConfig, output_dir: Path, name: str, identity: dict, config_hash: str) -> dict:
+    import lightning as L
+
+    staging = fresh_staging(output_dir)
+    try:
+        stage_cfg = with_output_dir(cfg, staging)
+        L.seed_everything(int(cfg.seed), workers=True)
+        dm = build_datamodule(stage_cfg)
+        split = dm.split
+        log.info(
+            "split %s: train %s | val %s | test %s", split.name, split.train, split.val, split.test
+        )
+        loggers = [instantiate(c) for c in (stage_cfg.get("logger") or {}).values() if c]
+        decoder = make_decoder(stage_cfg, name).fit(dm, staging, loggers)
+        decoder.save(staging)
+        table = decoder.predict(dm)
+        table.to_csv(staging / "predictions.csv", index=False)
+        dm.write_qc_table(staging / "qc.tsv")  # per run: frames kept / censored for NaN voxels
+        split_record = {"name": split.name, "train": split.train, "val": split.val}
+        split_record.update(test=split.test, kind=splitter(cfg.split).kind)
+        (staging / "split.json").write_text(json.dumps(split_record))
+        eval_cfg = cfg.get("eval") or {}
+        metrics = evaluate_predictions(
+            table,
+            out_dir=staging,
+            n_boot=int(eval_cfg.get("n_boot", 10_000)),
+            seed=int(cfg.seed),
+            plots=bool(eval_cfg.get("plots", True)),
+            protocol=_plain(eval_cfg.get("protocol")),
+        )
+        config = resolved(with_output_dir(cfg, output_dir))
+        log_results(loggers, metrics, staging, config)
+        finish_loggers(loggers)
+        save_config(config, staging / RESOLVED_CONFIG)
+        hyperparameters = decoder.hyperparameters()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, output_dir)
+    write_done(
+        output_dir,
+        {
+            "config_hash": config_hash,
+            "model": name,
+            "model_id": job_variant_id(cfg),  # as planned, before injected values
+            "split": split.name,
+            "split_kind": split_record["kind"],
+            "role": str((cfg.get("job") or {}).get("role", "result")),
+            "hyperparameters": hyperparameters,
+            "metrics": metrics,
+            "identity": identity,
+        },
     )
-    eval_cfg = cfg.get("eval") or {}
-    # Evaluate into a staging folder and publish metrics.json last: its presence marks a
-    # finished job (experiment runners skip those on a rerun), so it must not exist early.
-    staging = output_dir / ".evaluation"
-    shutil.rmtree(staging, ignore_errors=True)
-    metrics = evaluate_predictions(
-        table,
-        out_dir=staging,
-        n_boot=int(eval_cfg.get("n_boot", 10_000)),
-        seed=int(cfg.seed),
-        plots=bool(eval_cfg.get("plots", True)),
-    )
-    _publish(staging, output_dir, last=DONE_MARKER)
-    log_results(loggers, metrics, output_dir, OmegaConf.to_container(cfg, resolve=True))
-    finish_loggers(loggers)
-    os.replace(staging / DONE_MARKER, output_dir / DONE_MARKER)
-    staging.rmdir()
     print_metrics(metrics, title=f"{name} · {split.name}")
     return metrics
-
-
-def _publish(staging: Path, output_dir: Path, last: str) -> None:
-    """Move every file of ``staging`` into ``output_dir`` except ``last``."""
-    for path in staging.iterdir():
-        if path.name != last:
-            os.replace(path, output_dir / path.name)
-
-
-def _train_deep(cfg: DictConfig, dm: PainDataModule, output_dir: Path, name: str):
-    task = build_task(cfg, dm)
-    if cfg.get("finetune"):
-        from painnet.experiments.finetune import prepare_finetuning
-
-        prepare_finetuning(cfg, task, dm, output_dir)
-    trainer = build_trainer(cfg, output_dir)
-    trainer.fit(task, datamodule=dm)
-    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    batches = trainer.predict(task, datamodule=dm, ckpt_path=ckpt or None)
-    if ckpt:
-        log.info(
-            "best checkpoint: %s (val/r = %s)", ckpt, trainer.checkpoint_callback.best_model_score
-        )
-    table = table_from_batches(dm.runs, batches, dm.split.name, name)
-    return table, trainer
-
-
-def _fit_classical(
-    cfg: DictConfig, dm: PainDataModule, output_dir: Path, name: str
-) -> pd.DataFrame:
-    model = instantiate(cfg.model)
-    fit_runs = [dm.runs[i] for i in dm.runs_in("train") + dm.runs_in("val")]
-    model.fit(fit_runs)
-    test_runs = [dm.runs[i] for i in dm.runs_in("test")]
-    predictions = {run.key: model.predict_run(run) for run in test_runs}
-    with open(output_dir / "model.pkl", "wb") as fh:
-        pickle.dump(model, fh)
-    return table_from_frame_predictions(
-        test_runs, predictions, dm.window_frames, dm.split.name, name
-    )

@@ -185,12 +185,20 @@ def _map_folds(fn: Callable, folds: list, n_jobs: int | None) -> list:
 # --------------------------------------------------------------------------------------------
 
 
+DECILE_RULES = ("painnet", "study")
+
+
 def decile_labels(
-    target: np.ndarray, valid: np.ndarray, n_deciles: int = 10, min_segment: int = 5
+    target: np.ndarray,
+    valid: np.ndarray,
+    n_deciles: int = 10,
+    min_segment: int = 5,
+    rule: str = "painnet",
 ) -> np.ndarray:
     """Rating-decile label of every frame of one run; -1 for frames that form no sample.
 
-    The rule, exactly:
+    ``rule="study"`` follows the study instead (see :func:`study_decile_labels`). painnet's
+    rule (the default), exactly:
 
     1. Only frames with ``valid`` true take part (``n`` of them).
     2. Their ratings are ranked 1..n; tied ratings share their average rank (so equal ratings
@@ -206,6 +214,10 @@ def decile_labels(
     valid = np.asarray(valid, dtype=bool)
     if n_deciles < 1 or min_segment < 1:
         raise ValueError(f"n_deciles ({n_deciles}) and min_segment ({min_segment}) must be >= 1")
+    if rule not in DECILE_RULES:
+        raise ValueError(f"decile rule must be one of {DECILE_RULES}, got {rule!r}")
+    if rule == "study":
+        return study_decile_labels(target, valid, n_deciles, min_segment)
     labels = np.full(target.shape[0], -1, dtype=np.int64)
     idx = np.flatnonzero(valid)
     if idx.size == 0:
@@ -213,6 +225,42 @@ def decile_labels(
     ranks = rankdata(target[idx], method="average")
     labels[idx] = np.floor((ranks - 1.0) * n_deciles / idx.size).astype(np.int64)
     return np.where(_segment_lengths(labels) >= min_segment, labels, -1)
+
+
+def study_decile_labels(
+    target: np.ndarray, valid: np.ndarray, n_deciles: int = 10, min_segment: int = 5
+) -> np.ndarray:
+    """The study's rating-decile samples of one run (analysis_rating.m:81-93); -1 = no sample.
+
+    1. Only the ``valid`` frames take part, as one sequence in frame order: censored frames are
+       removed first (analysis_rating.m:77), so a segment may span them.
+    2. Ratings are ranked 1..n by a stable ascending sort: ties are broken by position
+       (lines 82-83).
+    3. Label = 1 + the number of thresholds ``quantile(ranks, k / n_deciles)``, k = 1..9, that
+       the rank exceeds (line 84). MATLAB's quantile of 1..n is ``n p + 0.5``, so the 0-based
+       label is ``#{k : rank > n k / n_deciles + 0.5}``.
+    4. Segments are maximal runs of one label in that sequence; a segment shorter than
+       ``min_segment`` frames is set aside -- except the last segment of the run, which is never
+       checked (lines 85-91: lengths come from differences of segment starts).
+
+    target: (T,) ratings; valid: (T,) bool. Returns (T,) int64 labels in ``[-1, n_deciles)``.
+    """
+    labels = np.full(target.shape[0], -1, dtype=np.int64)
+    idx = np.flatnonzero(valid)
+    n = idx.size
+    if n == 0:
+        return labels
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[np.argsort(target[idx], kind="stable")] = np.arange(1, n + 1)
+    thresholds = n * (np.arange(1, n_deciles) / n_deciles) + 0.5
+    kept_labels = (ranks[:, None] > thresholds[None, :]).sum(axis=1).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, kept_labels[1:] != kept_labels[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    short = lengths < min_segment
+    short[-1] = False  # the run's last segment is never checked
+    drop = np.repeat(short, lengths)
+    labels[idx] = np.where(drop, -1, kept_labels)
+    return labels
 
 
 def _segment_lengths(labels: np.ndarray) -> np.ndarray:
@@ -254,6 +302,7 @@ class DecileSamples:
     n_parcels: int
     n_deciles: int
     min_segment: int
+    decile_rule: str = "painnet"
     cache_max_bytes: int = 512 * 2**20
     _cache: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _cache_bytes: int = field(default=0, init=False, repr=False)
@@ -431,30 +480,45 @@ def _fit_gram_pcr(gram: np.ndarray, y: np.ndarray, n_alphas: int, solver: str) -
     return _GramPCR(u, lam, order, xy / lam, row_mean, grand_mean, y_mean)
 
 
+# The LASSO path is followed down to this fraction of its largest penalty ("λ ≈ 0"), so PCs
+# with a weak but nonzero correlation with the rating still enter (the study's path ends at
+# df = all PCs, analysis_predict_rating_modeling.m:72-74).
+_PATH_EPS = 1e-9
+
+
 def _lasso_entry_order(
     u: np.ndarray, lam: np.ndarray, yc: np.ndarray, xy: np.ndarray, n_alphas: int, solver: str
 ) -> np.ndarray:
     """Indices of PCs in the order they enter the LASSO path (PCs that never enter omitted).
 
-    The path is sklearn's: ``n_alphas`` penalties from ``max|Xy|/n`` down to 1e-3 of it
-    (geometric), objective ``|y - Tβ|² / 2n + α|β|₁``. PCs entering at the same grid step are
-    ordered by ``|t_jᵀ y|`` (their exact entry order on a continuous path).
+    The LASSO runs on the **standardised** PC scores, as the study's MATLAB ``lasso`` does by
+    default (analysis_predict_rating_modeling.m:77, 108; ``Standardize`` is on): a PC score
+    ``t_j = u_j sqrt(λ_j)`` divided by its standard deviation ``sqrt(λ_j / n)`` is
+    ``s_j = sqrt(n) u_j``, so ``s_jᵀ y = sqrt(n) u_jᵀ y`` and PCs enter by ``|u_jᵀ y|``, i.e.
+    by ``|corr(t_j, y)|`` -- not by ``|t_jᵀ y|`` (their covariance), which would favour
+    high-variance PCs. Standardising changes only the order: the OLS refit on a PC set is the
+    same. (``xy`` = ``t_jᵀ y`` is accepted for the callers' convenience and not used.)
 
-    ``solver="sklearn"`` runs :func:`sklearn.linear_model.lasso_path`. ``solver="analytic"``
-    (default) uses that PC scores are orthogonal: the LASSO then soft-thresholds each PC
-    separately, ``β_j(α) = S(t_jᵀy / n, α) / (λ_j / n)``, so PC j is nonzero on the grid from the
-    first α below ``|t_jᵀ y| / n`` on; this is what the coordinate-descent path converges to,
-    without its ~0.3 s per fit (tests check both agree).
+    The path: ``n_alphas`` penalties from ``max|sᵀy|/n`` down to ``_PATH_EPS`` of it
+    (geometric), objective ``|y - Sβ|² / 2n + α|β|₁``. PCs entering at the same grid step are
+    ordered by ``|s_jᵀ y|`` (their exact entry order on a continuous path).
+
+    ``solver="sklearn"`` runs :func:`sklearn.linear_model.lasso_path` on ``S``.
+    ``solver="analytic"`` (default) uses that standardised PC scores are orthogonal with
+    ``s_jᵀ s_j = n``: the LASSO then soft-thresholds each PC separately, so PC j is nonzero from
+    the first α below ``|s_jᵀ y| / n`` on -- the entry order is the order of decreasing
+    ``|u_jᵀ y|`` (tests check both solvers agree).
     """
     n = yc.size
-    strength = np.abs(xy)
+    std_xy = np.sqrt(n) * (u.T @ yc)
+    strength = np.abs(std_xy)
     if strength.size == 0 or strength.max() <= 0:
         return np.zeros(0, dtype=np.int64)
-    # sklearn's default grid, spelled out so that both solvers share it exactly.
-    alphas = np.geomspace(strength.max() / n, strength.max() / n * 1e-3, n_alphas)
+    alphas = np.geomspace(strength.max() / n, strength.max() / n * _PATH_EPS, n_alphas)
     if solver == "sklearn":
-        scores = u * np.sqrt(lam)
-        _, coefs, _ = lasso_path(scores, yc, alphas=alphas, precompute=np.diag(lam), Xy=xy)
+        scores = u * np.sqrt(n)
+        gram = np.eye(u.shape[1]) * n
+        _, coefs, _ = lasso_path(scores, yc, alphas=alphas, precompute=gram, Xy=std_xy)
         nonzero = coefs != 0
     elif solver == "analytic":
         nonzero = (strength / n)[:, None] > alphas[None, :]
@@ -477,6 +541,16 @@ class EdgePCR:
     ----------
     n_deciles, min_segment:
         Decile-sample rule, see :func:`decile_labels`.
+    decile_rule:
+        ``"painnet"`` (tied ratings share a decile, a segment ends at an invalid frame and every
+        segment must reach ``min_segment``) or ``"study"`` (ties broken by position, segments
+        span censored frames, the run's last segment is never checked; analysis_rating.m:81-93,
+        see :func:`study_decile_labels`).
+    fixed_components:
+        Use exactly this many PCs (clipped to those that enter the path) and skip the inner CV:
+        a training-size job fixes it at the full model's choice for that fold, as the study
+        fixes its penalty there (analysis_predict_rating_trainsize.m:109). See
+        :meth:`hyperparameters`.
     max_components:
         Upper bound on the number of PCs k (None: every PC that enters the LASSO path).
     component_grid:
@@ -499,11 +573,20 @@ class EdgePCR:
         Threads running the final fit and the inner folds, each with single-threaded BLAS
         (None / -1: all usable cores; 1: sequential).
 
-    Differences from the study: the study computed its LASSO λ grid once on all sessions, the
-    test session included; painnet computes everything (z-scoring aside, which is per run) —
-    PCA, λ grid, PC order, OLS, choice of k — on the training sessions only. Series are used as
-    the data layer provides them (z-scored over each run's kept frames), not re-z-scored over the
-    frames that carry a target.
+    As the study (analysis_predict_rating_modeling.m): SVD of the centred decile samples (line
+    70), LASSO on the standardised PC scores so PCs enter by ``|corr(score, y)|`` (lines 72-77,
+    see :func:`_lasso_entry_order`), OLS refit on the selected PCs (line 85), the number of
+    non-zero PCs 1 … N − 2 (line 50; here clipped to the PCs of each fold) chosen by the pooled
+    r of inner leave-one-session-out predictions (lines 132-190).
+
+    The one deliberate difference: the study read its λ values once off the LASSO path of
+    **all** sessions, the test session included (lines 61-77), and reused them in every fold
+    (lines 108, 149), so its hyperparameter is a λ whose PC count varies by fold; painnet
+    computes everything (z-scoring aside, which is per run) -- PCA, path, PC order, OLS, choice
+    of k -- on the training sessions only and selects the number of PCs directly, so no
+    information from the held-out session reaches the model. Series are used as the data layer
+    provides them (z-scored over each run's kept frames), not re-z-scored over the frames that
+    carry a target.
 
     Fitted attributes: ``weights_`` (P, P) symmetric, zero diagonal; ``intercept_``;
     ``n_components_``; ``cv_scores_`` {k: pooled r}; ``training_sessions_``; ``n_parcels_``.
@@ -522,7 +605,21 @@ class EdgePCR:
         dtype: str = "float32",
         lasso_solver: str = "analytic",
         n_jobs: int | None = None,
+        decile_rule: str = "painnet",
+        fixed_components: int | None = None,
     ) -> None:
+        if decile_rule not in DECILE_RULES:
+            raise ValueError(f"decile_rule must be one of {DECILE_RULES}, got {decile_rule!r}")
+        if fixed_components is not None and (
+            isinstance(fixed_components, bool)
+            or not isinstance(fixed_components, (int, np.integer))
+            or fixed_components < 1
+        ):
+            raise ValueError(
+                f"fixed_components must be an int >= 1 or None, got {fixed_components!r}"
+            )
+        self.decile_rule = decile_rule
+        self.fixed_components = None if fixed_components is None else int(fixed_components)
         self.n_deciles = n_deciles
         self.min_segment = min_segment
         self.max_components = max_components
@@ -548,7 +645,9 @@ class EdgePCR:
         n_parcels = _check_runs(runs, need_targets=True)
         labelled = []
         for run in runs:
-            labels = decile_labels(run.target, run.valid_target, self.n_deciles, self.min_segment)
+            labels = decile_labels(
+                run.target, run.valid_target, self.n_deciles, self.min_segment, self.decile_rule
+            )
             if (labels >= 0).any():
                 labelled.append((run, labels))
         if not labelled:
@@ -582,6 +681,7 @@ class EdgePCR:
             n_parcels=n_parcels,
             n_deciles=self.n_deciles,
             min_segment=self.min_segment,
+            decile_rule=self.decile_rule,
         )
 
     # ---- fit -----------------------------------------------------------------------------
@@ -604,7 +704,8 @@ class EdgePCR:
             raise ValueError(f"need at least 2 decile samples to fit, got {rows.size}")
 
         # The final fit and the inner folds are independent eigen-problems: one pool runs all.
-        folds = self._inner_folds(samples, rows) if self.inner_cv else []
+        use_cv = self.inner_cv and self.fixed_components is None
+        folds = self._inner_folds(samples, rows) if use_cv else []
         jobs = [(rows, None)] + [(rows[train], rows[test]) for train, test in folds]
         results = _map_folds(lambda job: self._fit_fold(samples, *job), jobs, self.n_jobs)
         final = results[0]
@@ -629,12 +730,20 @@ class EdgePCR:
     def _solver_args(self) -> tuple[int, str]:
         return self.n_lasso_alphas, self.lasso_solver
 
+    def hyperparameters(self) -> dict:
+        """The fitted choice, as constructor arguments that reproduce it without inner CV:
+        ``{"fixed_components": k}`` (a training-size job of the same fold passes it on)."""
+        if not hasattr(self, "n_components_"):
+            raise ValueError("EdgePCR.hyperparameters(): the model is not fitted yet")
+        return {"fixed_components": int(self.n_components_)}
+
     def _check_samples(self, samples: DecileSamples) -> None:
-        if (samples.n_deciles, samples.min_segment) != (self.n_deciles, self.min_segment):
+        mine = (self.n_deciles, self.min_segment, self.decile_rule)
+        theirs = (samples.n_deciles, samples.min_segment, samples.decile_rule)
+        if mine != theirs:
             raise ValueError(
-                f"samples were prepared with n_deciles={samples.n_deciles}, "
-                f"min_segment={samples.min_segment}; this model uses "
-                f"{self.n_deciles}, {self.min_segment}"
+                f"samples were prepared with n_deciles={theirs[0]}, min_segment={theirs[1]}, "
+                f"decile_rule={theirs[2]!r}; this model uses {mine[0]}, {mine[1]}, {mine[2]!r}"
             )
 
     def _candidates(self, n_available: int) -> np.ndarray:
@@ -648,7 +757,9 @@ class EdgePCR:
         return np.arange(1, max(int(top), 1) + 1)
 
     def _choose_k(self, n_entered: int) -> int:
-        """Final k: the CV winner, or the largest allowed without inner CV; ≤ entered PCs."""
+        """Final k: fixed, the CV winner, or the largest allowed without inner CV; ≤ entered."""
+        if self.fixed_components is not None:
+            return max(0, min(self.fixed_components, n_entered))
         if self.cv_scores_:
             ks = np.array(list(self.cv_scores_))
             k = int(ks[_best_index(np.array(list(self.cv_scores_.values())))])
