@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -237,11 +238,21 @@ RULES: dict[str, Rule] = {
     "model.*n_lasso_alphas": _INT_POS,
     "model.*random_state": Number(lo=0, integer=True, nullable=True),
     "model.*n_jobs": Number(lo=1, integer=True, also=(-1,), nullable=True),
+    # model=stack (painnet/experiments/stack.py)
+    "model.inner_folds": Number(lo=2, integer=True),
+    "callbacks.early_stopping.patience": _INT_NONNEG,  # reached through model.member_jobs
     "model.window_s": _POSITIVE,
     "model.alphas.*": _POSITIVE,
     # experiments
     "finetune.pretrain_epochs": _INT_POS,
     "finetune.n_val": _INT_NONNEG,
+    # self-supervised pretraining (experiment=pretrain, painnet.pretrain)
+    "finetune.pretrain.scope": OneOf(("fold", "others")),
+    "finetune.pretrain.mask": OneOf(("parcel", "frame")),
+    "finetune.pretrain.mask_ratio": Number(lo=0, hi=1, lo_open=True, hi_open=True),
+    "finetune.pretrain.epochs": _INT_POS,
+    "finetune.pretrain.monitor": _INT_POS,
+    "finetune.pretrain.recon_frames": Number(lo=1, integer=True, nullable=True),
     "study.repeats": _INT_POS,
     "study.n_val": Number(lo=0, integer=True, nullable=True),
     "study.n_train.*": _INT_POS,
@@ -263,8 +274,18 @@ SECTIONS = (
 )
 
 
+# A stack's members (model.members.<name>.*) are model configs: their keys follow model.* rules.
+_MEMBER_KEY = re.compile(r"^model\.members\.[^.]+\.")
+# ... and their job overrides (model.member_jobs.<name>.*) are keys of a whole job config.
+_MEMBER_JOB_KEY = re.compile(r"^model\.member_jobs\.[^.]+\.")
+
+
 def rule_for(key: str) -> Rule | None:
     """The constraint of a dotted key: an exact entry first, else the first matching pattern."""
+    if _MEMBER_KEY.match(key):
+        return rule_for(_MEMBER_KEY.sub("model.", key))
+    if _MEMBER_JOB_KEY.match(key):
+        return rule_for(_MEMBER_JOB_KEY.sub("", key))
     if key in RULES:
         return RULES[key]
     for pattern, rule in RULES.items():

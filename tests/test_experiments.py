@@ -285,7 +285,7 @@ def test_finetune_pretrains_once_per_participant_on_identical_folds(make_cfg, ti
             tuned = job_dir(exp, "convattn_ft-all", f"loso_sub-{subject}_fold-{fold}")
             scratch = job_dir(exp, "convattn", f"loso_sub-{subject}_fold-{fold}")
             job = (tuned / "job.yaml").read_text()
-            assert f"pretrained_ckpt: {ckpt}" in job
+            assert f"from: {ckpt}" in job
             a, b = read_predictions(tuned), read_predictions(scratch)
             keys = ["subject", "session", "run", "frame"]
             pd.testing.assert_frame_equal(a[keys], b[keys])

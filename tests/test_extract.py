@@ -162,6 +162,113 @@ def test_uncompressed_nifti_is_the_same_mapped_or_read(tmp_path, labels_path, at
     np.testing.assert_allclose(mapped.series, _nilearn_means(bold, labels_path), rtol=1e-5)
 
 
+# --------------------------------------------------------------------------- the reduction
+
+
+def _reference_sums(frames, flat_labels, label_ids):
+    """Parcel sums in float64 by scatter-adding every labelled voxel, non-finite ones as 0."""
+    clean = np.where(np.isfinite(frames), frames, 0).astype(np.float64)
+    sums = np.zeros((frames.shape[0], label_ids.size))
+    for k, label in enumerate(label_ids):
+        sums[:, k] = clean[:, flat_labels == label].sum(axis=1)
+    return sums
+
+
+def _odd_atlas(rng, n_vox=3000):
+    """Labels with sparse ids, parcels of 1 to ~300 voxels (most not a multiple of 8) and
+    unlabelled voxels (0 and an id outside the atlas) scattered between them."""
+    label_ids = np.array([3, 7, 8, 40, 41, 1000, 1001, 5000])
+    sizes = np.array([1, 7, 8, 9, 17, 64, 250, 301])
+    flat = np.zeros(n_vox, dtype=np.int32)
+    flat[: sizes.sum()] = np.repeat(label_ids, sizes)
+    flat[sizes.sum() : sizes.sum() + 50] = 99  # a label the atlas does not list
+    return rng.permutation(flat), label_ids, sizes
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_reducer_sums_equal_a_float64_reference_for_any_parcel_size(sweep):
+    rng = np.random.default_rng(11)
+    flat, label_ids, sizes = _odd_atlas(rng)
+    reducer = extract._ParcelReducer.from_labels(flat, label_ids, "odd atlas", sweep=sweep)
+    frames = rng.normal(1000.0, 50.0, size=(9, flat.size)).astype(np.float32)
+
+    sums, bad = reducer.sums(frames)
+
+    assert bad is None
+    np.testing.assert_array_equal(reducer.counts, sizes)
+    np.testing.assert_allclose(sums, _reference_sums(frames, flat, label_ids), rtol=1e-7)
+    if sweep:  # each lane is gathered in increasing voxel order
+        assert np.all(np.diff(reducer.lanes[0]) > 0)
+
+
+def test_sweeping_the_frame_changes_the_order_of_work_not_a_single_bit():
+    rng = np.random.default_rng(15)
+    flat, label_ids, _ = _odd_atlas(rng)
+    frames = rng.normal(1000.0, 50.0, size=(6, flat.size)).astype(np.float32)
+    frames[2, np.flatnonzero(flat == 1001)[:2]] = np.nan
+    by_parcel = extract._ParcelReducer.from_labels(flat, label_ids, "odd atlas")
+    swept = extract._ParcelReducer.from_labels(flat, label_ids, "odd atlas", sweep=True)
+
+    (sums, bad), (swept_sums, swept_bad) = by_parcel.sums(frames), swept.sums(frames)
+
+    assert swept_sums.tobytes() == sums.tobytes()
+    np.testing.assert_array_equal(swept_bad, bad)
+    np.testing.assert_array_equal(bad, [0, 0, 2, 0, 0, 0])
+
+
+def test_reducer_reused_work_arrays_give_the_same_bytes_for_any_chunk_size():
+    rng = np.random.default_rng(12)
+    flat, label_ids, _ = _odd_atlas(rng)
+    reducer = extract._ParcelReducer.from_labels(flat, label_ids, "odd atlas", sweep=True)
+    frames = rng.normal(0.0, 1.0, size=(12, flat.size)).astype(np.float32)
+    scratch = reducer.scratch()
+    expected = reducer.sums(frames)[0]
+
+    for bounds in ([0, 5, 12], [0, 1, 4, 12], [0, 12]):  # grow, shrink and regrow the arrays
+        pieces = [reducer.sums(frames[a:b], scratch)[0] for a, b in zip(bounds, bounds[1:])]
+        assert np.concatenate(pieces).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ">f4", np.int16, np.float64])
+def test_reducer_handles_each_stored_type(dtype):
+    rng = np.random.default_rng(13)
+    flat, label_ids, _ = _odd_atlas(rng)
+    reducer = extract._ParcelReducer.from_labels(flat, label_ids, "odd atlas")
+    frames = rng.normal(500.0, 100.0, size=(4, flat.size)).astype(dtype)
+
+    sums, bad = reducer.sums(frames)
+
+    assert bad is None
+    np.testing.assert_allclose(sums, _reference_sums(frames, flat, label_ids), rtol=1e-6)
+
+
+def test_reducer_counts_non_finite_values_inside_parcels_only():
+    rng = np.random.default_rng(14)
+    flat, label_ids, _ = _odd_atlas(rng)
+    reducer = extract._ParcelReducer.from_labels(flat, label_ids, "odd atlas", sweep=True)
+    frames = rng.normal(10.0, 1.0, size=(3, flat.size)).astype(np.float32)
+    inside = np.flatnonzero(np.isin(flat, label_ids))
+    outside = np.flatnonzero(~np.isin(flat, label_ids))
+    frames[0, inside[:3]] = [np.nan, np.inf, -np.inf]
+    frames[1, outside[:5]] = np.nan  # outside every parcel: neither counted nor summed
+    frames[2, inside[-1]] = np.nan
+    frames[2, outside[-1]] = np.inf
+
+    sums, bad = reducer.sums(frames)
+
+    np.testing.assert_array_equal(bad, [3, 0, 1])
+    np.testing.assert_allclose(sums, _reference_sums(frames, flat, label_ids), rtol=1e-7)
+
+
+def test_reducer_rejects_empty_parcels_and_frames_of_another_grid():
+    flat = np.array([0, 1, 1, 2, 0, 2], dtype=np.int32)
+    with pytest.raises(ValueError, match=r"grid.nii: atlas parcels \[3\] have no voxel"):
+        extract._ParcelReducer.from_labels(flat, np.array([1, 2, 3]), "grid.nii")
+    reducer = extract._ParcelReducer.from_labels(flat, np.array([1, 2]), "grid.nii")
+    with pytest.raises(ValueError, match=r"expected \(n, 6\)"):
+        reducer.sums(np.zeros((2, 7), dtype=np.float32))
+
+
 # --------------------------------------------------------------------------- gzip backends
 
 BACKENDS = sorted(extract.GZIP_BACKENDS)

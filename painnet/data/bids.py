@@ -83,6 +83,7 @@ def discover_runs(
     strict: bool = True,
     validate: bool = True,
     ratings=None,
+    require_ratings: bool = True,
 ) -> list[RunFiles]:
     """Every run under ``root`` matching the filters, sorted by (subject, session, task, run).
 
@@ -94,6 +95,8 @@ def discover_runs(
     ratings: a :class:`painnet.data.targets.RatingSpec`; with ``validate``, every ratings file is
         also read with it (column by name, scale), so bad ratings stop the run before any
         extraction or caching.
+    require_ratings: False for runs that need no ratings (rest runs read for self-supervised
+        pretraining): a run without a ratings file then has ``ratings=None``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -123,8 +126,11 @@ def discover_runs(
         if run_set is not None and key.run not in run_set:
             continue
         found.append(
-            _pair_files(root, conf_root, bold, key, ent, bold_kind, recording, require_confounds)
-        )
+            _pair_files(
+                root, conf_root, bold, key, ent, bold_kind, recording, require_confounds,
+                require_ratings,
+            )
+        )  # fmt: skip
 
     if not found:
         raise BIDSError(
@@ -181,11 +187,15 @@ def _run_prefix(ent: dict[str, str]) -> str:
     return "_".join(parts)
 
 
-def _pair_files(root, conf_root, bold, key, ent, bold_kind, recording, require_confounds):
+def _pair_files(
+    root, conf_root, bold, key, ent, bold_kind, recording, require_confounds, require_ratings=True
+):
     prefix = _run_prefix(ent)
     ratings = _func_dir(root, ent) / f"{prefix}_recording-{recording}_physio.tsv.gz"
     ratings_json = ratings.with_name(ratings.name.replace(".tsv.gz", ".json"))
-    for path in (ratings, ratings_json):
+    if not require_ratings and not ratings.exists() and not ratings.is_symlink():
+        ratings = ratings_json = None  # an unlabelled run (e.g. rest), read for pretraining
+    for path in (ratings, ratings_json) if ratings is not None else ():
         if path.is_symlink() and not path.exists():
             raise BIDSError(f"{path}: dangling symbolic link (points to {path.readlink()})")
         if not path.is_file():
@@ -348,12 +358,15 @@ def validate_run(files: RunFiles, ratings=None) -> None:
     """Check that the ratings cover the whole run (to within one frame), and not absurdly more.
 
     With a ``ratings`` spec (:class:`painnet.data.targets.RatingSpec`) the values are read too.
+    A run without ratings (``files.ratings`` None) only gets its frame count checked.
     """
-    fs, start = ratings_meta(files)
-    n_samples = count_rating_samples(files.ratings)
     frames = n_frames(files)
     if frames < MIN_FRAMES:
         raise BIDSError(f"{files.bold}: the run has {frames} frame(s); a run needs at least 2")
+    if files.ratings is None:
+        return
+    fs, start = ratings_meta(files)
+    n_samples = count_rating_samples(files.ratings)
     duration = frames * files.tr
     tr_note = f"{frames} frames × TR {files.tr:g} s, TR from the {files.tr_source or 'sidecar'}"
     if start > files.tr:
@@ -397,7 +410,7 @@ def _check_unique(found: list[RunFiles]) -> None:
 def _check_unmatched_ratings(
     root, found, recording, task, subject_set, session_set, run_set
 ) -> None:
-    matched = {f.ratings.resolve() for f in found}
+    matched = {f.ratings.resolve() for f in found if f.ratings is not None}
     for ratings in sorted(root.glob(f"sub-*/**/func/*_recording-{recording}_physio.tsv.gz")):
         ent = parse_entities(ratings.name)
         if subject_set is not None and ent.get("sub") not in subject_set:

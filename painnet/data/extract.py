@@ -19,11 +19,14 @@ reduced window by window:
   check each member's CRC and length), about 2x faster with ISA-L (``benchmarks/README.md``).
 
 The reduction (:class:`_ParcelReducer`) gathers each parcel's voxels into lanes of
-``_LANES`` (one ``np.take`` per chunk), adds the lanes in the stored precision when that is
-exact or close (float32 for float32 and 8/16-bit integers; a sum of 8 values), then adds the
-lane sums of each parcel with ``np.add.reduceat`` in float64. Raw stored values are averaged
-and the NIfTI scaling (``scl_slope``, ``scl_inter``) is applied to the means, which is exact
-because it is linear.
+``_LANES`` (one ``np.take`` per chunk, into reused arrays; for a mapped ``.nii`` the groups
+of lanes are ordered by their first voxel, so that each lane sweeps the frame forwards), adds
+the lanes in the stored precision when that is exact or close (float32 for float32 and
+8/16-bit integers; a sum of 8 values), then adds the lane sums of each parcel with
+``np.add.reduceat`` in float64. The gather (about 1 ns per labelled voxel and frame) is what
+bounds a ``.nii`` (``benchmarks/RESULTS.md``). Raw stored values are averaged and the NIfTI
+scaling (``scl_slope``, ``scl_inter``) is applied to the means, which is exact because it is
+linear.
 
 Non-finite voxel values inside parcels count as 0 in the means (as in nilearn's
 NiftiLabelsMasker), and :func:`extract_parcels` returns how many there were in each frame, so
@@ -32,6 +35,7 @@ that cleaning can censor those frames (:mod:`painnet.data.preprocess`).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import warnings
@@ -57,9 +61,11 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
 # read and the gather, so they are no slower than big ones, and they bound memory whatever
 # the run length or ``chunk_frames``.
 READ_BUDGET_BYTES = 2 << 20
-# Bytes of a .nii mapped at once (mapped pages of the file count in the resident memory).
+# Bytes of a .nii mapped at once (mapped pages of the file count in the resident memory;
+# 32 and 64 MiB measured no faster).
 MAP_BUDGET_BYTES = 16 << 20
-# Most bytes of mapped frames reduced at once (the gathered voxels are about a third of them).
+# Most bytes of mapped frames reduced at once (the gathered voxels, in reused arrays, are
+# about a third of them; 16 MiB measured no faster).
 MAP_CHUNK_BYTES = 8 << 20
 # Compressed bytes read from a .nii.gz per call, and most bytes inflated per call (each call
 # returns a new bytes object that is copied into the frame buffer).
@@ -150,26 +156,40 @@ class _ParcelReducer:
     """Precomputed map from flat frames ``(n, V)`` to parcel sums ``(n, P)`` (``/ counts``
     gives the means).
 
-    Each parcel's voxels (in spatial order, so the gather reads memory mostly forwards) are
-    dealt into groups of ``_LANES``: group ``g`` holds voxels ``lanes[:, g]``, a parcel's
-    groups are contiguous and start at ``group_starts``. A parcel whose size is not a multiple
-    of ``_LANES`` has padding slots in its last group (``pad``: flat positions in ``lanes``);
+    Each parcel's voxels (in spatial order) are dealt into groups of ``_LANES``: a group holds
+    ``_LANES`` voxels of one parcel, ``lanes[:, g]``; in parcel order, a parcel's groups are
+    contiguous and start at ``group_starts``. With ``sweep`` the groups are stored sorted by
+    their first voxel instead, so that each lane of the gather sweeps the frame forwards, and
+    ``group_order`` puts the group sums back in parcel order. That pays where the frames come
+    from memory (a mapped ``.nii``: the gather measured ~15 % faster than parcel after parcel,
+    which jumps back and forth across the frame), not where a frame was just written into a
+    small buffer and is still in cache (``.nii.gz``, real time): there the extra reordering
+    costs 10-25 %, so sweeping is off by default. A parcel whose size is not a multiple of
+    ``_LANES`` has padding slots in its last group (``pad``: flat positions in ``lanes``);
     they gather voxel 0 and are set to 0 before the lanes are added.
 
     lanes:        ``(_LANES, G)`` intp voxel positions.
     pad:          flat positions of the padding slots in ``lanes``.
-    group_starts: ``(P,)`` first group of each parcel.
+    group_order:  ``(G,)`` intp: for each group in parcel order, its column in ``lanes``
+                  (``None``: the columns are in parcel order).
+    group_starts: ``(P,)`` first group of each parcel (parcel order).
     counts:       ``(P,)`` float64 number of voxels per parcel.
+    n_vox:        values per frame (the length of the label array).
     """
 
     lanes: np.ndarray
     pad: np.ndarray
+    group_order: np.ndarray | None
     group_starts: np.ndarray
     counts: np.ndarray
+    n_vox: int
 
     @classmethod
-    def from_labels(cls, flat_labels: np.ndarray, label_ids: np.ndarray, where: str):
-        """Build from a flat label array (frame layout) and the parcels wanted, in order."""
+    def from_labels(
+        cls, flat_labels: np.ndarray, label_ids: np.ndarray, where: str, sweep: bool = False
+    ):
+        """Build from a flat label array (frame layout) and the parcels wanted, in order;
+        ``sweep``: store the groups in spatial order (for frames read from memory)."""
         position = _parcel_positions(flat_labels, label_ids)
         wanted = np.flatnonzero(position >= 0)
         # a stable sort of small integers is a radix sort: fast, and spatial order is kept
@@ -187,35 +207,89 @@ class _ParcelReducer:
         is_pad = np.ones(lanes.shape, dtype=bool)
         lanes[rank % _LANES, group] = index
         is_pad[rank % _LANES, group] = False
+        group_order = None
+        if sweep:  # lane 0 always holds a group's first voxel
+            spatial = np.argsort(lanes[0], kind="stable")
+            group_order = np.empty_like(spatial)
+            group_order[spatial] = np.arange(spatial.size)
+            lanes, is_pad = np.ascontiguousarray(lanes[:, spatial]), is_pad[:, spatial]
         return cls(
             lanes=lanes,
             pad=np.flatnonzero(is_pad),
+            group_order=group_order,
             group_starts=group_starts,
             counts=counts.astype(np.float64),
+            n_vox=int(flat_labels.size),
         )
 
-    def sums(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def scratch(self) -> _ReduceScratch:
+        """Reusable work arrays for :meth:`sums` (one per thread)."""
+        return _ReduceScratch()
+
+    def sums(
+        self, frames: np.ndarray, scratch: _ReduceScratch | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Parcel sums ``(n, P)`` float64 of ``frames`` ``(n, V)``, and the number of
         non-finite values inside parcels per frame (``None`` when there were none; they are
-        counted as 0 in the sums)."""
+        counted as 0 in the sums).
+
+        With ``scratch`` the gathered voxels go into arrays reused from call to call: fresh
+        multi-MiB arrays cost page faults on every chunk.
+        """
         n = frames.shape[0]
-        picked = np.take(frames, self.lanes, axis=1)  # (n, _LANES, G)
+        if frames.ndim != 2 or frames.shape[1] != self.n_vox:
+            raise ValueError(f"frames of shape {frames.shape}: expected (n, {self.n_vox})")
+        lane_dtype = _lane_dtype(frames.dtype)
+        work = scratch if scratch is not None else _ReduceScratch()
+        # mode="clip" lets take write into ``out`` directly (the positions are in range)
+        picked = np.take(
+            frames,
+            self.lanes,
+            axis=1,
+            mode="clip",
+            out=work.get("picked", (n, *self.lanes.shape), frames.dtype),
+        )
         flat = picked.reshape(n, -1)
         flat[:, self.pad] = 0
-        sums = np.add.reduceat(
-            picked.sum(axis=1, dtype=_lane_dtype(frames.dtype)),
-            self.group_starts,
-            axis=1,
-            dtype=np.float64,
+        lane_sums = picked.sum(
+            axis=1, dtype=lane_dtype, out=work.get("lanes", (n, self.lanes.shape[1]), lane_dtype)
         )
+        sums = self._parcel_sums(lane_sums, work)
         if np.isfinite(sums).all():
             return sums, None
         bad = ~np.isfinite(flat)
         flat[bad] = 0
-        sums = np.add.reduceat(
-            picked.sum(axis=1, dtype=np.float64), self.group_starts, axis=1, dtype=np.float64
-        )
+        sums = self._parcel_sums(picked.sum(axis=1, dtype=np.float64), work)
         return sums, bad.sum(axis=1)
+
+    def _parcel_sums(self, lane_sums: np.ndarray, work: _ReduceScratch) -> np.ndarray:
+        """Group sums ``(n, G)`` (``lanes`` order) -> parcel sums ``(n, P)`` float64."""
+        if self.group_order is None:
+            return np.add.reduceat(lane_sums, self.group_starts, axis=1, dtype=np.float64)
+        by_parcel = np.take(
+            lane_sums,
+            self.group_order,
+            axis=1,
+            mode="clip",
+            out=work.get("by_parcel", lane_sums.shape, lane_sums.dtype),
+        )
+        return np.add.reduceat(by_parcel, self.group_starts, axis=1, dtype=np.float64)
+
+
+class _ReduceScratch:
+    """Work arrays of :meth:`_ParcelReducer.sums`, kept between calls and grown on demand."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined)."""
+        size = math.prod(shape)
+        key = (name, np.dtype(dtype))
+        have = self._arrays.get(key)
+        if have is None or have.size < size:
+            have = self._arrays[key] = np.empty(size, dtype=key[1])
+        return have[:size].reshape(shape)
 
 
 def _parcel_positions(flat_labels: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
@@ -265,12 +339,15 @@ def _extract_nifti(path: Path, atlas: Atlas, chunk_frames: int) -> ParcelSeries:
     layout = _nifti_layout(path, img)
     atlas = atlas_for_bold(atlas, img)
     flat = atlas.labels.ravel(order="F")  # NIfTI frames are Fortran-ordered
-    reducer = _ParcelReducer.from_labels(flat, atlas.label_ids, str(path))
+    # a .nii is gathered from the page cache (memory): sweep; a .nii.gz from a cached buffer
+    sweep = not path.name.endswith(".gz")
+    reducer = _ParcelReducer.from_labels(flat, atlas.label_ids, str(path), sweep=sweep)
     series = np.empty((layout.n_frames, atlas.n_parcels), dtype=np.float32)
     non_finite = np.zeros(layout.n_frames, dtype=np.int64)
+    scratch = reducer.scratch()
     with closing(_nifti_chunks(path, layout, chunk_frames)) as chunks:  # closes files on errors
         for t0, frames in chunks:
-            sums, bad = reducer.sums(frames)
+            sums, bad = reducer.sums(frames, scratch)
             if bad is not None:
                 non_finite[t0 : t0 + len(frames)] = bad
             series[t0 : t0 + len(frames)] = _scaled(sums / reducer.counts, layout)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
@@ -145,9 +145,15 @@ def load_run(
 ) -> RunData:
     """A cleaned run with its lag-paired targets (extracting and cleaning it if not cached)."""
     arrays = clean_cached(files, atlas, clean, cache)
-    series, kept = arrays["series"], arrays["kept"].astype(bool)
     _log_non_finite(files, arrays["non_finite"])
-    target = run_targets(files, series.shape[0], lag_s, ratings)
+    target = run_targets(files, arrays["series"].shape[0], lag_s, ratings)
+    return run_data(files, arrays, target)
+
+
+def run_data(files: RunFiles, arrays: Mapping, target: np.ndarray) -> RunData:
+    """A run from its cleaned cache entry and its targets (NaN on censored frames)."""
+    series, kept = arrays["series"], arrays["kept"].astype(bool)
+    target = np.asarray(target, dtype=np.float32).copy()
     target[~kept] = np.nan
     return RunData(
         key=files.key,

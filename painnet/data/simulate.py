@@ -61,6 +61,7 @@ MOTION_NAMES = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 
 # Random-number streams: each gets its own seed so generation order never matters.
 _STREAM_ATLAS, _STREAM_NETWORK, _STREAM_SESSION, _STREAM_RUN = 11, 23, 37, 51
+_STREAM_REST = 67  # rest runs: their own stream, so adding them leaves the rating runs unchanged
 
 _COMMON: dict = {
     "n_subjects": 2,
@@ -101,7 +102,14 @@ _COMMON: dict = {
     "rating_bias_sd": 0.03,  # sd of the per-session reporting bias of the slider
     "bold_format": "nii.gz",
     "task": "rating",
+    # Unlabelled runs per session (task-rest: BOLD and confounds, no ratings), for
+    # self-supervised pretraining. Left out of params.json at 0, so the datasets written before
+    # this option existed (and their folder names) stay valid.
+    "rest_runs": 0,
 }
+# Parameters recorded in params.json only when they differ from these values.
+_RECORDED_IF_SET = {"rest_runs": 0}
+REST_TASK = "rest"
 
 PRESETS: dict[str, dict] = {
     # Tests: seconds to generate, strong signal.
@@ -280,6 +288,7 @@ def _validate(p: dict) -> None:
         )
     need(min(sessions_per_subject(p)) >= 1, f"n_sessions must be >= 1, got {sessions}")
     need(p["n_runs"] >= 1, f"n_runs must be >= 1, got {p['n_runs']}")
+    need(p["rest_runs"] >= 0, f"rest_runs must be >= 0, got {p['rest_runs']}")
     need(p["tr"] > 0, f"tr must be > 0, got {p['tr']}")
     need(p["run_s"] >= 10 * p["tr"], f"run_s={p['run_s']} is shorter than 10 frames")
     need(p["rating_hz"] > 0, f"rating_hz must be > 0, got {p['rating_hz']}")
@@ -313,6 +322,10 @@ def _validate(p: dict) -> None:
         f"bold_format must be 'nii.gz' or 'nii', got {p['bold_format']!r}",
     )
     need(str(p["task"]).isalnum(), f"task must be alphanumeric (a BIDS label), got {p['task']!r}")
+    need(
+        not (p["rest_runs"] and p["task"] == REST_TASK),
+        f"task must not be {REST_TASK!r} when rest_runs > 0 (the rest runs use that label)",
+    )
 
 
 def sessions_per_subject(params: dict) -> list[int]:
@@ -851,19 +864,30 @@ def run_prefix(sub: str, ses: str, task: str, run: int | str) -> str:
     return f"sub-{sub}_ses-{ses}_task-{task}_run-{run}"
 
 
-def _write_run(root: Path, params: dict, grid: Grid, sub: str, ses: str, run: int, out: RunOutput):
-    """Write one run's ratings (+ sidecar), BOLD (+ sidecar), confounds and latent table."""
-    task, tr = params["task"], params["tr"]
+def _write_run(
+    root: Path,
+    params: dict,
+    grid: Grid,
+    sub: str,
+    ses: str,
+    run: int,
+    out: RunOutput,
+    task: str | None = None,
+):
+    """Write one run's ratings (+ sidecar), BOLD (+ sidecar), confounds and latent table; a
+    rest run (``task=REST_TASK``) has no ratings."""
+    task, tr = task or params["task"], params["tr"]
     prefix = run_prefix(sub, ses, task, run)
     func = root / f"sub-{sub}" / f"ses-{ses}" / "func"
-    ratings = "\n".join(f"{v:.5f}" for v in out.ratings) + "\n"
-    _write(func / f"{prefix}_recording-pain_physio.tsv.gz", _gzip_bytes(ratings.encode()))
-    meta = {
-        "SamplingFrequency": params["rating_hz"],
-        "StartTime": params["rating_start_s"],
-        "Columns": ["pain"],
-    }
-    _write_json(func / f"{prefix}_recording-pain_physio.json", meta)
+    if task != REST_TASK:
+        ratings = "\n".join(f"{v:.5f}" for v in out.ratings) + "\n"
+        _write(func / f"{prefix}_recording-pain_physio.tsv.gz", _gzip_bytes(ratings.encode()))
+        meta = {
+            "SamplingFrequency": params["rating_hz"],
+            "StartTime": params["rating_start_s"],
+            "Columns": ["pain"],
+        }
+        _write_json(func / f"{prefix}_recording-pain_physio.json", meta)
 
     prep = root / "derivatives" / "fmriprep" / f"sub-{sub}" / f"ses-{ses}" / "func"
     volume = np.zeros((*grid.shape, out.bold.shape[0]), dtype=np.float32)
@@ -948,7 +972,10 @@ def _ground_truth(params: dict, nets: list[Network], sess: dict) -> dict:
 
 def _record(params: dict, seed: int) -> dict:
     """What params.json holds; two datasets are the same iff these records are equal."""
-    return {"simulator_version": SIMULATOR_VERSION, "seed": int(seed), "params": params}
+    recorded = {
+        k: v for k, v in params.items() if k not in _RECORDED_IF_SET or v != _RECORDED_IF_SET[k]
+    }
+    return {"simulator_version": SIMULATOR_VERSION, "seed": int(seed), "params": recorded}
 
 
 def _write_session(root: Path, params: dict, grid: Grid, net: Network, seed: int, i: int, j: int):
@@ -958,6 +985,9 @@ def _write_session(root: Path, params: dict, grid: Grid, net: Network, seed: int
     for r in range(params["n_runs"]):
         out = simulate_run(params, grid, net, state, _rng(seed, _STREAM_RUN, i, j, r))
         _write_run(root, params, grid, subjects[i], sessions[i][j], r + 1, out)
+    for r in range(params["rest_runs"]):  # the same generative model, ratings not written
+        out = simulate_run(params, grid, net, state, _rng(seed, _STREAM_REST, i, j, r))
+        _write_run(root, params, grid, subjects[i], sessions[i][j], r + 1, out, task=REST_TASK)
     return state
 
 

@@ -11,6 +11,9 @@ adapter from the config once:
   WindowRidge); fitted on the training plus validation sessions through
   :func:`painnet.models.classical.fit_predict`, whose train/test overlap guard every run passes;
   saved as ``model.pkl``.
+- :class:`painnet.experiments.stack.StackDecoder` (``model=stack``; the model class names it
+  in ``decoder_adapter``): member decoders combined by weights fitted on their inner
+  cross-validated predictions.
 - :class:`EnsembleDecoder` (``ensemble.members=K`` > 1): K members of one of the above, member
   i trained with seed ``seed + i`` in ``members/<i>/``; the prediction is the frame-wise mean of
   the members' predictions.
@@ -141,13 +144,15 @@ class LightningDecoder(Decoder):
         if finetune:
             from painnet.experiments.finetune import BackboneFinetuning
 
-            ckpt = finetune.get("pretrained_ckpt")
+            ckpt = finetune.get("from")
             if not ckpt:
                 raise ValueError(
-                    "finetune.pretrained_ckpt is not set: fine-tuning starts from a pretrained "
-                    "checkpoint (experiment=finetune plans the pretraining job that makes it)"
+                    "finetune.from is not set: fine-tuning starts from a pretrained checkpoint "
+                    "(experiment=finetune / experiment=pretrain plan the pretraining job that "
+                    "makes it, or give finetune.from=PATH)"
                 )
-            callbacks.append(BackboneFinetuning(ckpt, mode=str(finetune.get("mode", "all"))))
+            mode = str(finetune.get("mode", "all"))
+            callbacks.append(BackboneFinetuning(ckpt, mode=mode, record_dir=output_dir))
         return callbacks
 
     def trainer(self, output_dir: Path | None, callbacks=(), loggers=()):
@@ -387,10 +392,14 @@ class EnsembleDecoder(Decoder):
 
 
 def adapter_class(cfg: DictConfig) -> type[Decoder]:
-    """LightningDecoder for LightningModule targets, ClassicalDecoder for everything else."""
+    """The adapter a model class names (``decoder_adapter``, e.g. the stack's), else
+    LightningDecoder for LightningModule targets and ClassicalDecoder for everything else."""
     import lightning as L
 
     target = model_target(cfg)
+    named = getattr(target, "decoder_adapter", None)
+    if named:
+        return get_class(named)
     return LightningDecoder if issubclass(target, L.LightningModule) else ClassicalDecoder
 
 

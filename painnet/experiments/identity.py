@@ -119,7 +119,7 @@ def variant_config(cfg) -> dict:
     finetune = cfg.get("finetune")
     if finetune:
         finetune = OmegaConf.to_container(finetune, resolve=False)
-        finetune.pop("pretrained_ckpt", None)  # planned by the study (a dependency)
+        finetune.pop("from", None)  # planned by the study (a dependency), injected at run time
     ensemble = cfg.get("ensemble")
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=False),

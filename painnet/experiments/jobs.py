@@ -214,7 +214,7 @@ def resolved_job_config(job: Job, experiment_dir: Path) -> DictConfig:
     return jcfg
 
 
-def checkpoint_of(job: Job, key: str = "finetune.pretrained_ckpt") -> Dependency:
+def checkpoint_of(job: Job, key: str = "finetune.from") -> Dependency:
     return Dependency(job, ((key, ("file", str(CHECKPOINT))),))
 
 

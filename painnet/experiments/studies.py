@@ -26,7 +26,11 @@ from collections.abc import Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from painnet.experiments.decoder import LightningDecoder, adapter_class, make_decoder
-from painnet.experiments.finetune import pretrain_split
+from painnet.experiments.finetune import (
+    pretrain_split,
+    ssl_pretrain_changes,
+    ssl_pretrain_split,
+)
 from painnet.experiments.identity import variant_name
 from painnet.experiments.jobs import (
     Dependency,
@@ -247,9 +251,17 @@ def _split_mode(cfg) -> str:
 
 
 class Finetune(Study):
-    """The within-subject folds from scratch and fine-tuned from a model pretrained on the
-    other participants; the pretraining is one job per participant (``pretrain/``) that the
-    fine-tuning jobs depend on. ``arm``: the arm of one multirun process."""
+    """The within-subject folds from scratch and fine-tuned from a pretrained backbone; the
+    pretraining is a job of its own (``pretrain/``) that the fine-tuning jobs depend on:
+
+    - supervised (``experiment=finetune``): ConvAttn on the other participants, one job per
+      participant;
+    - self-supervised (a ``finetune.pretrain`` node, ``experiment=pretrain``): masked
+      reconstruction on every run the fold may read, one job per fold (``scope: fold``) or per
+      participant (``scope: others``);
+    - none with ``finetune.from=PATH``: every fine-tuning starts from that checkpoint.
+
+    ``arm``: the arm of one multirun process."""
 
     kind = "finetune"
 
@@ -270,10 +282,18 @@ class Finetune(Study):
             )
         make_decoder(cfg, "check").validate()
 
-    def pretrain_job(self, cfg, sessions, subject: str) -> Job | None:
-        if cfg.finetune.get("pretrained_ckpt"):
-            return None
+    def pretrain_job(self, cfg, sessions, subject: str, fold: int = 0) -> Job | None:
+        """The job whose checkpoint ``subject``'s ``fold`` fine-tunes from (None: ``from``)."""
         ft = cfg.finetune
+        if ft.get("from"):
+            return None
+        if ft.get("pretrain"):
+            split = ssl_pretrain_split(cfg, subject, fold, self._n_val(cfg))
+            meta = {"subject": subject, "scope": split["scope"]}
+            if split["fold"] is not None:
+                meta["fold"] = split["fold"]
+            changes = ssl_pretrain_changes(cfg)
+            return make_job(cfg, split, sessions, meta, group="pretrain", changes=changes)
         split = pretrain_split(subject, list(sessions), int(ft.get("n_val", 1)), int(cfg.seed))
         changes = {"finetune": None, "trainer.max_epochs": int(ft.pretrain_epochs)}
         meta = {"subject": subject}
@@ -287,14 +307,15 @@ class Finetune(Study):
 
     def plan(self, cfg, sessions):
         self._check(cfg)
-        jobs = []
+        jobs, planned = [], set()
         for subject in self._subjects(sessions):
-            pretrain = (
-                self.pretrain_job(cfg, sessions, subject) if "finetune" in self.arms else None
-            )
-            if pretrain is not None:
-                jobs.append(pretrain)
             for fold in self._folds(len(sessions[subject])):
+                pretrain = None
+                if "finetune" in self.arms:
+                    pretrain = self.pretrain_job(cfg, sessions, subject, fold)
+                if pretrain is not None and pretrain.name not in planned:
+                    planned.add(pretrain.name)  # once per participant unless scope: fold
+                    jobs.append(pretrain)
                 for arm in self.arms:
                     jobs.append(self._arm_job(cfg, sessions, subject, fold, arm, pretrain))
         return jobs
@@ -303,8 +324,11 @@ class Finetune(Study):
         self._check(cfg)
         split = OmegaConf.to_container(cfg.split, resolve=True)
         subject = str(split.get("subject") or sorted(sessions)[0])
-        pretrain = self.pretrain_job(cfg, sessions, subject) if self.arm == "finetune" else None
-        return self._arm_job(cfg, sessions, subject, int(split.get("fold", 0)), self.arm, pretrain)
+        fold = int(split.get("fold", 0))
+        pretrain = None
+        if self.arm == "finetune":
+            pretrain = self.pretrain_job(cfg, sessions, subject, fold)
+        return self._arm_job(cfg, sessions, subject, fold, self.arm, pretrain)
 
 
 def _scratch(cfg):

@@ -211,6 +211,13 @@ def _load_model(cfg: DictConfig, run_dir: Path, n_parcels: int, length: int) -> 
     from painnet.experiments.decoder import load_decoder
 
     model = load_decoder(run_dir, cfg=cfg).model
+    if isinstance(model, dict):  # a stack: {member: model}
+        raise ValueError(
+            f"{run_dir}: model={cfg.model.get('name')} is a stack; its weights split every "
+            "member's prediction into a run mean and a within-run part, which needs the whole "
+            "run, so it cannot decode in real time. Train a single model for real time (e.g. "
+            "model=edge_pcr or model=convattn with data.clean.causal=true)"
+        )
     members = model if isinstance(model, list) else [model]
     deep = isinstance(members[0], L.LightningModule)
     for member in members:

@@ -1,0 +1,252 @@
+"""A stacked decoder's combiner: a non-negative linear combination of member predictions,
+fitted on *out-of-sample* predictions binned as the study scores them.
+
+Why a stack, and why split each member into a run-level and a within-run part: under
+leave-one-session-out, a model that cannot see session-level pain (anything reading per-run
+z-scored activation) predicts a held-out run's mean near the mean of the *other* sessions, which
+anti-correlates with the truth, while its variation *within* the run can track pain well. The
+edge model reads co-fluctuation and so also carries run- and session-level pain. Giving every
+member two features -- its run mean and its deviation from that mean -- and fitting their
+weights with a positivity constraint on predictions the members made for sessions they never
+saw lets the combination keep what generalises (e.g. the edge model's run level, the deep
+model's within-run shape) and give zero weight to what anti-correlates. Run means are taken over
+each run's own predicted frames (no rating is read), just as the input is z-scored per run.
+
+The combiner is fitted on bins of ``bin_size`` (the study's 1-min bins): the combination that
+maximises the binned pooled r is what is scored.
+
+:class:`StackCombiner` is the ``model._target_`` of ``model=stack``; the decoder adapter that
+runs the members' inner cross-validation is :class:`painnet.experiments.stack.StackDecoder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from painnet.evaluation.bins import bin_predictions
+from painnet.evaluation.table import BIN_SIZES, FRAME_KEYS, RUN_KEYS
+
+RUN_LEVEL_MODES = ("anchor", "convex", "split", "pooled")
+
+
+class StackCombiner:
+    """Weights of member predictions, fitted on out-of-sample member tables.
+
+    Args:
+        bin_size: bins the weights are fitted on (a key of ``BIN_SIZES``; the study's ``1min``).
+        run_level: how the stack's run level is made.
+            ``anchor`` (``model=stack``'s default) -- the run level of member ``anchor`` as is
+            (weight 1, no intercept); the within-run parts of every member get free
+            non-negative weights.
+            ``convex`` -- each member gives its run mean and its within-run
+            deviation; the run means are mixed by weights that sum to 1 (a convex
+            combination, no intercept) and the within-run parts by free non-negative weights.
+            ``split`` -- the same two features per member, all weights free and non-negative,
+            plus an intercept. ``pooled`` -- one free weight per member, plus an intercept.
+
+    Why no intercept (``anchor``, ``convex``): a fitted intercept is the training sessions' mean rating, and
+    under leave-one-session-out that mean anti-correlates with the held-out session's (the
+    artifact above). Free weights that shrink the members' run levels let that intercept set
+    the held-out run level; a convex mix keeps the run level on the members' own scale, so the
+    stack's run level is never more artifact-driven than its members'. Why ``anchor`` over
+    ``convex``: on the tuning variants (demo, var_both) the run-level weights, fitted on a few
+    inner sessions, jumped between members from fold to fold and often took a member's
+    anti-correlated run level; the anchor keeps the one run level known to carry session-level
+    pain. Measured comparison of the modes: benchmarks/decoders.md.
+    """
+
+    #: The decoder adapter that fits the members (see painnet.experiments.decoder.adapter_class).
+    decoder_adapter = "painnet.experiments.stack.StackDecoder"
+
+    def __init__(
+        self, bin_size: str = "1min", run_level: str = "convex", anchor: str | None = None
+    ):
+        if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
+            timed = [k for k, v in BIN_SIZES.items() if v is not None]
+            raise ValueError(f"model.bin_size={bin_size!r}: choose one of {timed}")
+        if run_level not in RUN_LEVEL_MODES:
+            raise ValueError(f"model.run_level={run_level!r}: choose one of {RUN_LEVEL_MODES}")
+        if run_level == "anchor" and not anchor:
+            raise ValueError(
+                "model.run_level=anchor needs model.anchor (the member whose run level is kept)"
+            )
+        self.bin_size = bin_size
+        self.run_level = run_level
+        self.anchor = anchor
+        self.members_: list[str] = []
+        self.features_: list[str] = []
+        self.weights_: np.ndarray | None = None  # per feature, on the raw feature scale
+        self.intercept_: float = 0.0
+        self.report_: dict = {}
+
+    # -- features ------------------------------------------------------------------------
+    def features(
+        self, tables: Mapping[str, pd.DataFrame]
+    ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+        """The frame rows shared by every member table, their feature matrix and its names.
+
+        Every member must have predicted the same frames (same ``FRAME_KEYS``); a frame any
+        member left without a prediction has no feature values (NaN row).
+        """
+        names = list(tables)
+        if not names:
+            raise ValueError("a stack needs at least one member table")
+        base = tables[names[0]].sort_values(FRAME_KEYS).reset_index(drop=True)
+        columns, predictions = [], []
+        for name in names:
+            table = tables[name].sort_values(FRAME_KEYS).reset_index(drop=True)
+            if len(table) != len(base) or not table[FRAME_KEYS].equals(base[FRAME_KEYS]):
+                raise ValueError(
+                    f"stack member {name!r} predicted other frames than {names[0]!r}: members "
+                    "must share data.window_s (every member predicts every frame with a full window)"
+                )
+            predictions.append(table["prediction"].to_numpy(dtype=np.float64))
+        stacked = np.column_stack(predictions)
+        stacked[~np.isfinite(stacked).all(axis=1)] = np.nan
+        run_id = base.groupby(RUN_KEYS, sort=False).ngroup().to_numpy()
+        feature_columns = []
+        for j, name in enumerate(names):
+            p = stacked[:, j]
+            if self.run_level != "pooled":
+                mean = _group_nanmean(p, run_id)
+                feature_columns += [mean, p - mean]
+                columns += [f"{name}:run", f"{name}:within"]
+            else:
+                feature_columns.append(p)
+                columns.append(name)
+        return base, np.column_stack(feature_columns), columns
+
+    def _binned(self, base: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bins × features, bin ratings): each feature binned as a prediction is scored."""
+        binned_x, rating = [], None
+        for j in range(X.shape[1]):
+            table = base.assign(prediction=X[:, j])
+            binned = bin_predictions(table, self.bin_size)
+            binned_x.append(binned["prediction"].to_numpy(dtype=np.float64))
+            rating = binned["rating"].to_numpy(dtype=np.float64)
+        return np.column_stack(binned_x), rating
+
+    # -- fit / combine -------------------------------------------------------------------
+    def fit(self, tables: Mapping[str, pd.DataFrame]) -> StackCombiner:
+        """Fit the weights on out-of-sample member tables (one per member, same frames)."""
+        from sklearn.linear_model import LinearRegression
+
+        base, X, names = self.features(tables)
+        Xb, y = self._binned(base, X)
+        if len(y) < 3:
+            raise ValueError(
+                f"the stack's inner validation gave {len(y)} {self.bin_size} bins: too few to "
+                "fit member weights (more sessions, or a shorter model.bin_size)"
+            )
+        scale = Xb.std(axis=0)
+        usable = scale > 1e-12 * max(1.0, float(np.abs(Xb).max()))
+        weights = np.zeros(Xb.shape[1])
+        if self.run_level in ("convex", "anchor"):
+            if self.run_level == "anchor" and self.anchor not in tables:
+                raise ValueError(f"model.anchor={self.anchor!r} is not a member ({list(tables)})")
+            return self._fit_convex(list(tables), names, Xb, y, scale, usable)
+        if usable.any():
+            z = (Xb[:, usable] - Xb[:, usable].mean(axis=0)) / scale[usable]
+            fit = LinearRegression(positive=True).fit(z, y)
+            weights[usable] = fit.coef_ / scale[usable]
+        self.members_ = list(tables)
+        self.features_ = names
+        member_r = {m: _r(_member_bins(Xb, names, m, self.run_level), y) for m in self.members_}
+        fallback = None
+        if not np.any(weights > 0):
+            # Nothing generalised positively: fall back to the member with the best
+            # out-of-sample r rather than predicting a constant.
+            fallback = max(
+                member_r, key=lambda m: -np.inf if np.isnan(member_r[m]) else member_r[m]
+            )
+            weights = np.array([1.0 if n.split(":")[0] == fallback else 0.0 for n in names])
+        self.weights_ = weights
+        self.intercept_ = float(np.mean(y) - np.mean(Xb @ weights))
+        self.report_ = {
+            "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
+            "intercept": self.intercept_,
+            "inner_r": {**member_r, "stack": _r(Xb @ weights + self.intercept_, y)},
+            "inner_bins": len(y),
+            "fallback_member": fallback,
+        }
+        return self
+
+    def _fit_convex(self, members, names, Xb, y, scale, usable) -> StackCombiner:
+        """Run means mixed on the simplex, within-run parts by non-negative weights, no
+        intercept: least squares on the inner bins (SLSQP; a handful of weights)."""
+        from scipy.optimize import minimize
+
+        run = np.array([n.endswith(":run") for n in names])
+        if self.run_level == "anchor":  # only the anchor's run level; the others' weigh 0
+            run = np.array([n == f"{self.anchor}:run" for n in names])
+            usable = usable & ~np.array([n.endswith(":run") for n in names])
+        within = ~np.array([n.endswith(":run") for n in names]) & usable
+        R, W = Xb[:, run], Xb[:, within] / scale[within]
+        k, q = R.shape[1], W.shape[1]
+
+        def loss(theta):
+            residual = y - R @ theta[:k] - W @ theta[k:]
+            return float(residual @ residual) / len(y)
+
+        start = np.concatenate([np.full(k, 1.0 / k), np.zeros(q)])
+        solution = minimize(
+            loss,
+            start,
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * k + [(0.0, None)] * q,
+            constraints=[{"type": "eq", "fun": lambda theta: theta[:k].sum() - 1.0}],
+            options={"maxiter": 500, "ftol": 1e-12},
+        )
+        theta = np.clip(solution.x, 0.0, None)
+        theta[:k] /= theta[:k].sum()
+        weights = np.zeros(len(names))
+        weights[run] = theta[:k]
+        weights[within] = theta[k:] / scale[within]
+        self.members_, self.features_ = list(members), names
+        self.weights_, self.intercept_ = weights, 0.0
+        member_r = {m: _r(_member_bins(Xb, names, m, self.run_level), y) for m in self.members_}
+        self.report_ = {
+            "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
+            "intercept": 0.0,
+            "inner_r": {**member_r, "stack": _r(Xb @ weights, y)},
+            "inner_bins": len(y),
+            "fallback_member": None,
+            "converged": bool(solution.success),
+        }
+        return self
+
+    def combine(self, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+        """The combined prediction table (frames of the member tables, their ``split``)."""
+        if self.weights_ is None:
+            raise RuntimeError("StackCombiner.combine before fit")
+        if list(tables) != self.members_:
+            raise ValueError(f"stack members {list(tables)} differ from the fitted {self.members_}")
+        base, X, _ = self.features(tables)
+        return base.assign(prediction=X @ self.weights_ + self.intercept_)
+
+    def hyperparameters(self) -> dict:
+        return dict(self.report_)
+
+
+def _group_nanmean(values: np.ndarray, group: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    sums = np.bincount(group[finite], weights=values[finite], minlength=group.max() + 1)
+    counts = np.bincount(group[finite], minlength=group.max() + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    return np.where(finite, means[group], np.nan)
+
+
+def _member_bins(Xb: np.ndarray, names: list[str], member: str, run_level: str) -> np.ndarray:
+    """A member's own binned prediction (its run + within parts summed back)."""
+    cols = [j for j, n in enumerate(names) if n.split(":")[0] == member]
+    return Xb[:, cols].sum(axis=1) if run_level != "pooled" else Xb[:, cols[0]]
+
+
+def _r(x: np.ndarray, y: np.ndarray) -> float:
+    if np.std(x) < 1e-12 or np.std(y) < 1e-12:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])

@@ -1,0 +1,253 @@
+"""The stacked decoder (``model=stack``: painnet/models/stacking.py, painnet/experiments/stack.py).
+
+Specifications:
+- each member enters as its run mean and its within-run deviation; weights are non-negative and
+  fitted on binned out-of-sample predictions, so a member's run level that anti-correlates with
+  pain (the leave-one-session-out artifact) gets weight 0 while its within-run shape is kept;
+- when no feature generalises, the stack falls back to the best member instead of a constant;
+- members must have predicted the same frames;
+- the inner folds cover the outer training + validation sessions, and no data view of an inner
+  fit holds a run of the outer test session;
+- end to end (the CLI's code path): a stack job writes its members, its weights and its inner
+  predictions, and its held-out prediction is exactly the weighted sum of its members';
+- real-time decoding refuses a stack with a message (its run means need the whole run).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from painnet.evaluation.table import COLUMNS
+from painnet.experiments.decoder import load_decoder
+from painnet.experiments.single import build_datamodule, run_single
+from painnet.experiments.stack import inner_groups, inner_views
+from painnet.models.stacking import StackCombiner
+
+FAST = ("logger=none", "trainer.enable_progress_bar=false", "eval.n_boot=100", "eval.plots=false")
+
+
+def _tables(seed: int = 0, n_sessions: int = 6, n_runs: int = 2, n_frames: int = 300):
+    """Ratings = session offset + within-run wave. Member ``edge`` sees the offset (plus noise
+    inside the run); member ``deep`` sees the wave but predicts *minus* the offset as its run
+    level, as a model blind to session-level pain does under LOSO."""
+    rng = np.random.default_rng(seed)
+    rows = {"edge": [], "deep": []}
+    for s in range(n_sessions):
+        offset = rng.normal(0, 1.0)
+        for r in range(n_runs):
+            t = np.arange(n_frames, dtype=float)
+            wave = np.sin(2 * np.pi * t / 120 + rng.uniform(0, 6)) + 0.3 * rng.standard_normal()
+            rating = offset + wave
+            base = pd.DataFrame(
+                {
+                    "subject": "01",
+                    "session": f"{s:02d}",
+                    "run": f"{r}",
+                    "frame": t.astype(int),
+                    "time_s": t,
+                    "rating": rating,
+                    "split": "x",
+                    "run_duration_s": float(n_frames),
+                }
+            )
+            # each member's run level has its own error, so the two are not collinear
+            edge = offset + rng.normal(0, 0.3) + 0.3 * rng.standard_normal(n_frames)
+            shape = wave - wave.mean()
+            deep = -0.8 * offset + rng.normal(0, 0.3) + shape + 0.3 * rng.standard_normal(n_frames)
+            rows["edge"].append(base.assign(prediction=edge, model="edge")[COLUMNS])
+            rows["deep"].append(base.assign(prediction=deep, model="deep")[COLUMNS])
+    return {m: pd.concat(parts, ignore_index=True) for m, parts in rows.items()}
+
+
+def _pooled_r(table: pd.DataFrame) -> float:
+    return float(np.corrcoef(table["rating"], table["prediction"])[0, 1])
+
+
+def test_anti_correlated_run_level_gets_zero_weight_and_within_run_shape_is_kept():
+    fitted = StackCombiner().fit(_tables(seed=0))
+    w = fitted.report_["weights"]
+    assert w["deep:run"] < 0.05
+    assert w["deep:within"] > 0.5
+    assert w["edge:run"] > 0.5
+    fresh = _tables(seed=1)  # new sessions: the combination generalises
+    combined = fitted.combine(fresh)
+    assert _pooled_r(combined) > max(_pooled_r(t) for t in fresh.values()) + 0.1
+
+
+def test_convex_run_level_mixes_the_members_run_means_without_an_intercept():
+    """The default: no fitted intercept (under LOSO it is the anti-correlated training mean);
+    the run-mean weights sum to 1 so the stack's run level stays on its members' scale."""
+    fitted = StackCombiner().fit(_tables(seed=0))
+    w = fitted.report_["weights"]
+    assert fitted.intercept_ == 0.0
+    assert w["edge:run"] + w["deep:run"] == pytest.approx(1.0)
+    assert w["edge:run"] > 0.9
+
+
+def test_anchor_keeps_the_anchor_run_level_and_weighs_every_within_run_shape():
+    fitted = StackCombiner(run_level="anchor", anchor="edge").fit(_tables(seed=0))
+    w = fitted.report_["weights"]
+    assert (w["edge:run"], w["deep:run"], fitted.intercept_) == (1.0, 0.0, 0.0)
+    assert w["deep:within"] > 0.5
+    fresh = _tables(seed=1)
+    assert _pooled_r(fitted.combine(fresh)) > max(_pooled_r(t) for t in fresh.values()) + 0.1
+
+
+def test_an_anchor_that_is_no_member_is_named():
+    with pytest.raises(ValueError, match="model.anchor"):
+        StackCombiner(run_level="anchor")
+    with pytest.raises(ValueError, match="model.anchor='nope'"):
+        StackCombiner(run_level="anchor", anchor="nope").fit(_tables())
+
+
+def test_split_mode_also_zeroes_an_anti_correlated_run_level():
+    fitted = StackCombiner(run_level="split").fit(_tables(seed=0))
+    assert fitted.report_["weights"]["deep:run"] == 0.0
+    assert fitted.report_["weights"]["deep:within"] > 0.5
+
+
+def test_pooled_mode_gives_one_weight_per_member():
+    fitted = StackCombiner(run_level="pooled").fit(_tables())
+    assert set(fitted.report_["weights"]) == {"edge", "deep"}
+
+
+def test_no_generalising_feature_falls_back_to_the_best_member():
+    tables = _tables()
+    noise = np.random.default_rng(3).standard_normal(len(tables["edge"]))
+    useless = {"bad": tables["edge"].assign(prediction=-tables["edge"]["rating"] + 0 * noise)}
+    useless["worse"] = tables["deep"].assign(prediction=-2 * tables["deep"]["rating"])
+    fitted = StackCombiner(run_level="split").fit(useless)
+    assert fitted.report_["fallback_member"] in {"bad", "worse"}
+    assert np.count_nonzero(fitted.weights_) == 2  # that member's run + within parts
+
+
+def test_members_must_share_frames():
+    tables = _tables()
+    tables["deep"] = tables["deep"].iloc[10:]
+    with pytest.raises(ValueError, match="other frames"):
+        StackCombiner().fit(tables)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="model.run_level"):
+        StackCombiner(run_level="nope")
+    with pytest.raises(ValueError, match="model.bin_size"):
+        StackCombiner(bin_size="session")
+
+
+def test_inner_groups_are_contiguous_and_cover_every_session():
+    sessions = [f"{i}" for i in range(7)]
+    groups = inner_groups(sessions, 3)
+    assert [s for g in groups for s in g] == sessions
+    assert sorted(len(g) for g in groups) == [2, 2, 3]
+
+
+def test_no_inner_view_holds_the_outer_test_session(make_cfg):
+    cfg = make_cfg("data=tiny", "+data.simulate.n_sessions=5", "split.fold=2", *FAST)
+    dm = build_datamodule(cfg)
+    test = set(dm.split.test)
+    views = inner_views(dm, 2, 1, 0)
+    covered = set()
+    for view in views:
+        held = {r.key.session_key for r in view.runs}
+        assert not held & test
+        assert set(view.split.test) | set(view.split.train) | set(view.split.val) == held
+        covered |= set(view.split.test)
+    assert covered == set(dm.split.train + dm.split.val)
+
+
+def test_too_many_inner_folds_for_the_sessions_is_an_error_naming_the_key(make_cfg):
+    cfg = make_cfg("data=tiny", "split.fold=0", *FAST)  # 3 sessions: 2 to cut
+    dm = build_datamodule(cfg)
+    with pytest.raises(ValueError, match="model.inner_folds"):
+        inner_views(dm, 3, 1, 0)
+
+
+def test_a_stack_job_predicts_the_weighted_sum_of_its_members(make_cfg, tmp_path):
+    out = tmp_path / "stack"
+    cfg = make_cfg(
+        "data=tiny",
+        "+data.simulate.n_sessions=5",
+        "model=stack",
+        "model.inner_folds=2",
+        "model.n_jobs=1",
+        "trainer.max_epochs=1",
+        *FAST,
+        output_dir=out,
+    )
+    run_single(cfg, out)
+    report = json.loads((out / "stack.json").read_text())
+    assert report["members"] == ["edge_pcr", "ridge", "convattn"]
+    assert all(w >= 0 for w in report["weights"].values())
+    assert len(report["inner_folds"]) == 2
+    inner = pd.read_csv(out / "stack_inner_predictions.csv", dtype={"session": str})
+    assert not set(inner["session"]) & {"01"}  # fold 0 holds out session 01
+    assert (out / "members" / "convattn" / "checkpoints" / "best.ckpt").is_file()
+    assert not (out / "stack_inner").exists()  # inner-fold models are not kept
+
+    decoder = load_decoder(out)
+    dm = build_datamodule(cfg)
+    members = {m: d.predict(dm) for m, d in decoder.members.items()}
+    expected = decoder.combiner.combine(members)
+    written = pd.read_csv(out / "predictions.csv", dtype={"session": str, "run": str})
+    merged = written.merge(expected, on=["session", "run", "frame"], suffixes=("", "_sum"))
+    assert len(merged) == len(written)
+    np.testing.assert_allclose(merged["prediction"], merged["prediction_sum"], atol=1e-5)
+    for m in report["members"]:  # each member's own held-out table is kept for audits
+        own = pd.read_csv(out / "members" / m / "member_predictions.csv")
+        assert len(own) == len(written)
+
+    from painnet.realtime.model import load_trained
+
+    with pytest.raises(ValueError, match="is a stack"):  # run means need the whole run
+        load_trained(out, allow_standard=True)
+
+
+def test_parallel_member_fits_and_several_devices_are_refused(make_cfg):
+    from painnet.experiments.decoder import make_decoder
+
+    cfg = make_cfg("data=tiny", "model=stack", "trainer=ddp", "trainer.devices=2", *FAST)
+    with pytest.raises(ValueError, match="model.n_jobs=2 with trainer.devices=2"):
+        make_decoder(cfg, "stack").validate()
+
+
+@pytest.mark.slow  # two CLI loops (~1 min)
+def test_the_cli_loop_and_the_benchmark_rows_of_a_stack(tmp_path):
+    """`python -m painnet.train experiment=within_subject model=stack` runs every fold; the
+    benchmark's rows read off its jobs put its edge_pcr member exactly on the edge_pcr loop."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.stack_rows import write_derived
+
+    run_dir = tmp_path / "loop"
+    env = {**os.environ, "PAINNET_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
+    for model in ("stack", "edge_pcr"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "painnet.train", "experiment=within_subject", "data=tiny",
+             "+data.simulate.n_sessions=5", f"model={model}", "study.subjects=[01]",
+             "study.folds=[0,1]", "trainer.max_epochs=1", "logger=none", "eval.n_boot=100",
+             "eval.plots=false", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
+             *(["model.inner_folds=2"] if model == "stack" else [])],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    within = pd.read_csv(run_dir / "aggregate" / "within_subject.csv", dtype={"model": str})
+    assert set(within["model"]) == {"stack", "edge_pcr"}
+    subsets = {"stack_edge_convattn": {"members": ["edge_pcr", "convattn"]}}
+    assert write_derived(run_dir, subsets, n_boot=100)
+    derived = pd.read_csv(run_dir / "aggregate_derived" / "within_subject.csv")
+    assert set(derived["model"]) == {
+        "edge_pcr@stack",
+        "ridge@stack",
+        "convattn@stack",
+        "stack_edge_convattn",
+    }
+    edge = within.set_index("model").loc["edge_pcr", "r_1min"]
+    member = derived.set_index("model").loc["edge_pcr@stack", "r_1min"]
+    assert member == pytest.approx(edge, abs=1e-9)
