@@ -18,6 +18,17 @@ torch.set_num_threads(1)
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+# One epoch on data=tiny, no logger, few bootstrap draws: for tests of plumbing, not learning.
+FAST_TINY = (
+    "data=tiny",
+    "logger=none",
+    "eval.n_boot=20",
+    "eval.plots=false",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """Where simulated datasets live for the whole test session (simulated once, reused)."""

@@ -30,16 +30,9 @@ from painnet.experiments.jobdir import (
 from painnet.experiments.reevaluate import run_evaluate
 from painnet.experiments.runner import run_experiment
 from painnet.experiments.single import run_single
+from tests.conftest import FAST_TINY as FAST
 
 CONF = str(Path(__file__).resolve().parents[1] / "painnet" / "conf")
-FAST = (
-    "data=tiny",
-    "logger=none",
-    "eval.n_boot=20",
-    "eval.plots=false",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-)
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,9 @@ from painnet.experiments.decoder import (
 )
 from painnet.experiments.runner import objective, run_experiment, run_sweep_job
 from painnet.experiments.single import build_datamodule, run_single
+from tests.conftest import FAST_TINY as FAST
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = (
-    "data=tiny",
-    "logger=none",
-    "eval.n_boot=20",
-    "eval.plots=false",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-)
 ONE_FOLD = ("study.subjects=[01]", "study.folds=[0]")
 
 
