@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import threading
+import time
 import tracemalloc
 import warnings
 
@@ -160,6 +162,148 @@ def test_uncompressed_nifti_is_the_same_mapped_or_read(tmp_path, labels_path, at
     read = extract.extract_parcels(bold, atlas, chunk_frames=2)
     assert mapped.series.tobytes() == read.series.tobytes()
     np.testing.assert_allclose(mapped.series, _nilearn_means(bold, labels_path), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- threads (.nii)
+
+
+def _nan_bold(tmp_path, name="bold.nii"):
+    """A float32 .nii with non-finite values inside parcels in frames 7 and 20-22."""
+    data = np.random.default_rng(21).normal(100.0, 20.0, size=SHAPE + (N_FRAMES,))
+    data = data.astype(np.float32)
+    data[3, 4, 5, 7] = np.nan
+    data[6, 2, 1, 20:23] = np.inf
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, _affine()), path)
+    return path
+
+
+@pytest.fixture
+def small_windows(monkeypatch):
+    """Windows of 3 float32 frames (of 2 with chunks of 2 frames): many windows to share out
+    on the test files."""
+    monkeypatch.setattr(extract, "MAP_BUDGET_BYTES", 3 * SHAPE[0] * SHAPE[1] * SHAPE[2] * 4)
+
+
+def _record_maps(monkeypatch, both_threads=False):
+    """Wrap _MappedFrames._map to record which thread maps each window; ``both_threads``: the
+    calling thread and the helper each wait in their first window for the other to have one
+    (else either may take every window of a small file before the other runs)."""
+    seen: list[tuple[str, int]] = []
+    started = {"caller": threading.Event(), "helper": threading.Event()}
+    original = extract._MappedFrames._map
+
+    def recording(self, t0, n):
+        name = threading.current_thread().name
+        seen.append((name, t0))
+        if both_threads and len(seen) > 1:  # seen[0]: the probe map in __init__
+            me, other = (
+                ("helper", "caller") if name.startswith("painnet-reduce") else ("caller", "helper")
+            )
+            started[me].set()
+            assert started[other].wait(timeout=30), f"no window for the {other}"
+        return original(self, t0, n)
+
+    monkeypatch.setattr(extract._MappedFrames, "_map", recording)
+    return seen
+
+
+def _two_cpus(monkeypatch):
+    monkeypatch.setattr(extract, "_usable_cpus", lambda: 2)
+
+
+def _reduce_threads_alive():
+    return [t for t in threading.enumerate() if t.name.startswith("painnet-reduce")]
+
+
+@pytest.mark.parametrize("chunk_frames", [2, 3])  # windows of 2 and 3 frames
+def test_nii_series_are_the_same_bytes_with_one_or_two_threads(
+    tmp_path, labels_path, atlas, monkeypatch, small_windows, chunk_frames
+):
+    bold = _nan_bold(tmp_path)
+    monkeypatch.setattr(extract, "NII_THREADS", 1)
+    one = extract.extract_parcels(bold, atlas, chunk_frames=chunk_frames)
+    monkeypatch.setattr(extract, "NII_THREADS", 2)
+    _two_cpus(monkeypatch)
+    seen = _record_maps(monkeypatch, both_threads=True)
+    two = extract.extract_parcels(bold, atlas, chunk_frames=chunk_frames)
+
+    mappers = {name for name, _ in seen[1:]}  # seen[0]: the probe map in __init__
+    assert len(mappers) == 2, seen  # the calling thread and the helper both reduced windows
+    window_starts = sorted(t0 for _, t0 in seen[1:])
+    assert window_starts == list(range(0, N_FRAMES, chunk_frames)), seen  # each one once
+    assert two.series.tobytes() == one.series.tobytes()
+    np.testing.assert_array_equal(two.non_finite, one.non_finite)
+    assert two.non_finite[7] == 1 and two.non_finite[20:23].tolist() == [1, 1, 1]
+    assert not _reduce_threads_alive()
+
+
+@pytest.mark.parametrize("threads", ["one cpu", "NII_THREADS=1"])
+def test_no_helper_thread_on_one_cpu(
+    tmp_path, labels_path, atlas, monkeypatch, small_windows, threads
+):
+    bold = _write_bold(tmp_path / "bold.nii")
+    if threads == "one cpu":
+        if hasattr(extract.os, "sched_getaffinity"):
+            monkeypatch.setattr(extract.os, "sched_getaffinity", lambda pid: {0})
+        else:  # pragma: no cover
+            monkeypatch.setattr(extract.os, "cpu_count", lambda: 1)
+    else:
+        _two_cpus(monkeypatch)
+        monkeypatch.setattr(extract, "NII_THREADS", 1)
+    seen = _record_maps(monkeypatch)
+    series, _ = extract_parcel_series(bold, atlas, chunk_frames=2)
+
+    assert {name for name, _ in seen} == {threading.current_thread().name}
+    np.testing.assert_allclose(series, _nilearn_means(bold, labels_path), rtol=1e-5)
+
+
+def test_error_in_the_helper_names_the_file_and_no_thread_is_left(
+    tmp_path, atlas, monkeypatch, small_windows
+):
+    bold = _write_bold(tmp_path / "failing_bold.nii")
+    _two_cpus(monkeypatch)
+    original = extract._MappedFrames._map
+    helper_failed = threading.Event()
+
+    def failing_in_helper(self, t0, n):
+        if threading.current_thread().name.startswith("painnet-reduce"):
+            helper_failed.set()
+            raise OSError(f"{bold}: cannot map frames {t0}..{t0 + n}")
+        if n > 1:  # a window (not the probe map): wait for the helper to fail in its own
+            assert helper_failed.wait(timeout=30)
+        return original(self, t0, n)
+
+    monkeypatch.setattr(extract._MappedFrames, "_map", failing_in_helper)
+    with pytest.raises(OSError, match=r"failing_bold\.nii: cannot map frames"):
+        extract.extract_parcels(bold, atlas, chunk_frames=2)
+    assert helper_failed.is_set()
+    assert not _reduce_threads_alive()
+
+
+def test_error_in_the_calling_thread_stops_and_joins_the_helper(
+    tmp_path, atlas, monkeypatch, small_windows
+):
+    bold = _write_bold(tmp_path / "bold.nii")
+    _two_cpus(monkeypatch)
+    original = extract._ParcelReducer.sums
+    helper_sums = []
+    helper_busy = threading.Event()
+
+    def failing_in_caller(self, frames, scratch=None):
+        if threading.current_thread().name.startswith("painnet-reduce"):
+            helper_sums.append(len(frames))
+            helper_busy.set()
+            time.sleep(0.005)
+            return original(self, frames, scratch)
+        assert helper_busy.wait(timeout=30)  # fail while the helper is at work
+        raise RuntimeError("reduction failed in the calling thread")
+
+    monkeypatch.setattr(extract._ParcelReducer, "sums", failing_in_caller)
+    with pytest.raises(RuntimeError, match="calling thread"):
+        extract.extract_parcels(bold, atlas, chunk_frames=2)
+    assert not _reduce_threads_alive()
+    assert sum(helper_sums) < N_FRAMES  # it stopped early, it did not reduce the rest
 
 
 # --------------------------------------------------------------------------- the reduction
