@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +36,8 @@ import optuna
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from painnet.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=conf")
@@ -240,9 +241,8 @@ def write_best(study: optuna.Study, path: Path) -> None:
         "n_complete": len(finished),
         "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
     }
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    OmegaConf.save(OmegaConf.create(content), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        OmegaConf.save(OmegaConf.create(content), tmp)
     log.info("best trial %d: %s = %.4f, %s", best.number, "value", best.value, best.params)
 
 

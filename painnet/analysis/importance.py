@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections import defaultdict
@@ -73,6 +72,7 @@ from painnet.analysis.permutation import (
     term_permutation_drops,
 )
 from painnet.analysis.terms import bin_terms, edge_region_terms
+from painnet.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -560,10 +560,7 @@ def run_importance(
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2), mkdir=True)
 
 
 @dataclass

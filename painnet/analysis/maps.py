@@ -14,8 +14,6 @@ Every file is written to a temporary name in its folder and moved into place.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,26 +21,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from painnet.atomic import atomic_path, write_csv_atomic
 from painnet.data.atlas import GRAYORDINATES, N_GRAYORDINATES_91K, VOLUME, Atlas
 
 TSV_COLUMNS = ["region", "label", "importance", "ci_low", "ci_high", "p"]
-
-
-def _atomic_path(path: Path):
-    """A temporary path next to ``path`` (same suffixes) to write to before ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent
-    )
-    os.close(fd)
-    return Path(tmp)
-
-
-def _publish(tmp: Path, path: Path) -> Path:
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-    os.replace(tmp, path)
-    return path
 
 
 def importance_table(
@@ -69,9 +51,7 @@ def importance_table(
 
 def write_tsv(table: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
-    tmp = _atomic_path(path)
-    table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    return _publish(tmp, path)
+    return write_csv_atomic(path, table, sep="\t", float_format="%.6g", mkdir=True)
 
 
 def read_tsv(path: str | Path) -> pd.DataFrame:
@@ -137,9 +117,9 @@ def importance_image(
 
 def write_image(img, path: str | Path) -> Path:
     path = Path(path)
-    tmp = _atomic_path(path)
-    nib.save(img, str(tmp))
-    return _publish(tmp, path)
+    with atomic_path(path, mkdir=True) as tmp:
+        nib.save(img, str(tmp))
+    return path
 
 
 def plot_importance(
@@ -164,10 +144,10 @@ def plot_importance(
         fig = _plot_volume(atlas, regions, values, image, title, vmax)
     else:
         fig = _plot_surface(atlas, regions, values, title, vmax)
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return _publish(tmp, path)
+    with atomic_path(path, mkdir=True) as tmp:
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+    return path
 
 
 def plot_against_truth(
@@ -232,10 +212,10 @@ def plot_against_truth(
     ax.axhline(0, color="k", lw=0.5)
     fig.subplots_adjust(left=0.1, right=0.97, top=0.96, bottom=0.1, hspace=0.3)
     path = Path(path)
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return _publish(tmp, path)
+    with atomic_path(path, mkdir=True) as tmp:
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+    return path
 
 
 def _plot_volume(atlas, regions, values, image, title, vmax):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from painnet.atomic import write_csv_atomic
 from painnet.data.atlas import Atlas
 from painnet.data.cache import ArrayCache, cache_key, file_identity
 from painnet.data.clean import CleanConfig, clean_series, read_confounds
@@ -220,16 +220,5 @@ def write_qc_table(
 ):
     """Write :func:`qc_table` as a TSV, atomically (temporary file, then rename); returns it."""
     table = qc_table(runs, atlas, clean, cache)
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(target) + ".tmp-")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            table.to_csv(fh, sep="\t", index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_csv_atomic(path, table, sep="\t", mkdir=True)
     return table

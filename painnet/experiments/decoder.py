@@ -34,6 +34,7 @@ import pandas as pd
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from painnet.atomic import atomic_path
 from painnet.evaluation.table import mean_table, table_from_batches, table_from_frame_predictions
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,8 @@ class ClassicalDecoder(Decoder):
 
     def save(self, output_dir: Path) -> None:
         path = Path(output_dir) / MODEL_PICKLE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             pickle.dump(self.estimator, fh)
-        os.replace(tmp, path)
 
     def load(self, job_dir: Path, dm=None, ckpt: Path | None = None) -> ClassicalDecoder:
         path = Path(ckpt) if ckpt else Path(job_dir) / MODEL_PICKLE

@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from painnet.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class BackboneFinetuning(Callback):
                 "mode": self.mode,
                 "net_digest": weights_digest(pl_module.net.state_dict()),
             }
-            _write_json_atomic(self.record_dir / FROM_RECORD, record)
+            text = json.dumps(record, indent=2) + "\n"
+            write_text_atomic(self.record_dir / FROM_RECORD, text, mkdir=True)
         if self.mode == "head":
             pl_module.freeze_backbone()
         self._applied = True
@@ -160,10 +162,3 @@ def ssl_pretrain_changes(cfg: DictConfig) -> dict:
             changes[f"callbacks.{name}.monitor"] = "val/loss"
             changes[f"callbacks.{name}.mode"] = "min"
     return changes
-
-
-def _write_json_atomic(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from painnet import atomic
 from painnet.evaluation.table import json_value
 
 DONE = "DONE.json"
@@ -100,9 +101,7 @@ class RunLock:
                 if owner and owner.get("pid") == os.getpid():
                     raise AlreadyRunningError(f"{self.directory}: locked by this process") from None
                 if self._stale(owner):
-                    tmp = self.path.with_name(f"{LOCK}.{os.getpid()}")
-                    tmp.write_text(record)
-                    os.replace(tmp, self.path)  # take over the dead process's lock
+                    atomic.write_text_atomic(self.path, record)  # take over the dead process's lock
                     if (self.owner() or {}).get("pid") == os.getpid():
                         self.held = True
                         return self
@@ -158,9 +157,8 @@ def _plain(value):
 
 
 def write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_plain(record), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """``record`` (numpy values converted, NaN → null) as JSON at ``path``, atomically."""
+    atomic.write_json_atomic(path, _plain(record))
 
 
 def write_done(directory: Path, record: dict) -> None:
@@ -229,6 +227,4 @@ def publish(staging: Path, directory: Path) -> None:
 
 
 def save_config(config: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    atomic.write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from painnet.atomic import write_bytes_atomic, write_csv_atomic
 from painnet.data.splits import Split
 from painnet.experiments.decoder import Decoder, make_decoder, model_kwargs
 
@@ -138,14 +138,14 @@ class StackDecoder(Decoder):
             member.save(self.member_dir(output_dir, m))
         if self._predictions is not None:  # each member's own held-out table, for audits
             for m, table in self._predictions[1].items():
-                _write_csv(self.member_dir(output_dir, m) / MEMBER_PREDICTIONS, table)
-        _atomic_bytes(output_dir / COMBINER_PICKLE, pickle.dumps(self.combiner))
+                write_csv_atomic(self.member_dir(output_dir, m) / MEMBER_PREDICTIONS, table)
+        write_bytes_atomic(output_dir / COMBINER_PICKLE, pickle.dumps(self.combiner), mkdir=True)
         report = {
             "members": list(self.members),
             "inner_folds": [[list(key) for key in group] for group in self.inner_groups_],
             **self.combiner.report_,
         }
-        _atomic_bytes(output_dir / REPORT, json.dumps(report, indent=1).encode())
+        write_bytes_atomic(output_dir / REPORT, json.dumps(report, indent=1).encode(), mkdir=True)
 
     def load(self, job_dir: Path, dm=None, ckpt: Path | None = None) -> StackDecoder:
         if ckpt is not None:
@@ -298,17 +298,6 @@ def session_view(dm, split: Split):
 
 
 def _write_inner_predictions(path: Path, tables: dict[str, pd.DataFrame]) -> None:
-    _write_csv(path, pd.concat([t.assign(model=m) for m, t in tables.items()], ignore_index=True))
-
-
-def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_csv_atomic(
+        path, pd.concat([t.assign(model=m) for m, t in tables.items()], ignore_index=True)
+    )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from painnet.atomic import write_text_atomic
 from painnet.data.bids import BIDSError, discover_runs
 from painnet.data.datamodule import PainDataModule
 from painnet.data.preprocess import clean_cached, prepare_runs, run_data, run_qc
@@ -294,8 +294,10 @@ class PretrainDataModule(PainDataModule):
         qc = pd.DataFrame(
             [run_qc(f, self.atlas, self._clean_for(f), self.cache) for f in self.run_files]
         )
-        _write_atomic(Path(path), qc.to_csv(sep="\t", index=False))
-        _write_atomic(folder / RUN_LIST, self.run_table().to_csv(sep="\t", index=False))
+        write_text_atomic(path, qc.to_csv(sep="\t", index=False), mkdir=True)
+        write_text_atomic(
+            folder / RUN_LIST, self.run_table().to_csv(sep="\t", index=False), mkdir=True
+        )
         roles = {
             "name": self.split.name,
             "subject": self.split.subject,
@@ -304,7 +306,7 @@ class PretrainDataModule(PainDataModule):
             "excluded": [list(k) for k in self.split.excluded],
             "tasks": self.pretrain_tasks,
         }
-        _write_atomic(folder / SESSION_LIST, json.dumps(roles, indent=2) + "\n")
+        write_text_atomic(folder / SESSION_LIST, json.dumps(roles, indent=2) + "\n", mkdir=True)
         return qc
 
 
@@ -315,10 +317,3 @@ def read_run_list(job_dir: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: not a pretraining job folder (no run list)")
     text = {c: str for c in ("subject", "session", "run")}
     return pd.read_csv(path, sep="\t", dtype=text)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -21,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from painnet.atomic import atomic_path, write_bytes_atomic
 from painnet.realtime.volumes import SIDECAR_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Replay(threading.Thread):
                 k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in self.table.iloc[t].to_dict().items()
             }
-            _atomic_write(self.folder / f"{name}{SIDECAR_SUFFIX}", json.dumps(row).encode())
+            write_bytes_atomic(self.folder / f"{name}{SIDECAR_SUFFIX}", json.dumps(row).encode())
         write_volume(self.img, t, self.folder / f"{name}.nii{'.gz' if self.compress else ''}")
         self.arrivals[t] = time.time()
 
@@ -126,17 +126,5 @@ def write_volume(img, t: int, path: Path) -> None:
         data = data.astype(np.float32)
     out = nib.Nifti1Image(data, img.affine)
     out.header.set_xyzt_units(*img.header.get_xyzt_units())
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
