@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from painnet.evaluation.bins import bin_predictions
 from painnet.evaluation.table import COLUMNS
 from painnet.experiments.decoder import load_decoder
 from painnet.experiments.single import build_datamodule, run_single
@@ -95,6 +96,34 @@ def test_anchor_keeps_the_anchor_run_level_and_weighs_every_within_run_shape():
     assert w["deep:within"] > 0.5
     fresh = _tables(seed=1)
     assert _pooled_r(fitted.combine(fresh)) > max(_pooled_r(t) for t in fresh.values()) + 0.1
+
+
+def test_residual_keeps_the_whole_anchor_and_adds_what_it_leaves():
+    """``residual``: the anchor's prediction with weight 1 on both parts; another member's
+    within-run shape joins only by what it explains beyond the anchor."""
+    tables = _tables(seed=0)
+    fitted = StackCombiner(run_level="residual", anchor="edge").fit(tables)
+    w = fitted.report_["weights"]
+    assert (w["edge:run"], w["edge:within"], w["deep:run"], fitted.intercept_) == (1, 1, 0, 0)
+    assert w["deep:within"] > 0.5
+    fresh = _tables(seed=1)
+    assert _pooled_r(fitted.combine(fresh)) > max(_pooled_r(t) for t in fresh.values()) + 0.1
+
+
+def test_residual_is_no_worse_than_the_anchor_when_the_other_member_is_noise():
+    def noisy(seed: int) -> dict[str, pd.DataFrame]:
+        tables = _tables(seed=seed)
+        noise = np.random.default_rng(seed + 10).standard_normal(len(tables["deep"]))
+        return {**tables, "deep": tables["deep"].assign(prediction=noise)}
+
+    fitted = StackCombiner(run_level="residual", anchor="edge").fit(noisy(0))
+    fresh = noisy(1)
+    binned = {
+        name: bin_predictions(table, "1min")
+        for name, table in {"stack": fitted.combine(fresh), "edge": fresh["edge"]}.items()
+    }
+    r = {name: _pooled_r(table) for name, table in binned.items()}
+    assert r["stack"] > r["edge"] - 0.02
 
 
 def test_an_anchor_that_is_no_member_is_named():

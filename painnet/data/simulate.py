@@ -212,6 +212,23 @@ PRESETS: dict[str, dict] = {
         "coupling_gain": 2.0,
         "session_offset_logit": 0.8,
     },
+    # Held out, added after the others were read: both codes and session offsets with a
+    # session count nearer the study's (23 and 28), where a stack has more inner sessions.
+    "var_both_long": {
+        **_COMMON,
+        "n_sessions": 14,
+        "n_runs": 3,
+        "run_s": 360.0,
+        "tr": 1.2,
+        "rating_hz": 2.0,
+        "n_parcels": 70,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 8,
+        "n_coupled_parcels": 8,
+        "activation_gain": 2.0,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 0.8,
+    },
 }
 # Tests: tiny with pain only in co-fluctuation (half the parcels coupled, 4-min runs: a
 # co-fluctuation amplitude is a slow, noisy read-out and needs pairs and frames to show).

@@ -29,7 +29,7 @@ import pandas as pd
 from painnet.evaluation.bins import bin_predictions
 from painnet.evaluation.table import BIN_SIZES, FRAME_KEYS, RUN_KEYS
 
-RUN_LEVEL_MODES = ("anchor", "convex", "split", "pooled")
+RUN_LEVEL_MODES = ("residual", "anchor", "convex", "split", "pooled")
 
 
 class StackCombiner:
@@ -41,15 +41,20 @@ class StackCombiner:
             ``anchor`` (``model=stack``'s default) -- the run level of member ``anchor`` as is
             (weight 1, no intercept); the within-run parts of every member get free
             non-negative weights.
+            ``residual`` -- member ``anchor``'s whole prediction as is (run level and
+            within-run shape, weight 1, no intercept), plus the other members' within-run
+            parts with free non-negative weights fitted on what the anchor leaves: the stack
+            is the anchor whenever nothing else helps on the inner bins. (It won the tuning
+            variants but not the held-out ones: benchmarks/decoders.md.)
             ``convex`` -- each member gives its run mean and its within-run
             deviation; the run means are mixed by weights that sum to 1 (a convex
             combination, no intercept) and the within-run parts by free non-negative weights.
             ``split`` -- the same two features per member, all weights free and non-negative,
             plus an intercept. ``pooled`` -- one free weight per member, plus an intercept.
 
-    Why no intercept (``anchor``, ``convex``): a fitted intercept is the training sessions' mean rating, and
-    under leave-one-session-out that mean anti-correlates with the held-out session's (the
-    artifact above). Free weights that shrink the members' run levels let that intercept set
+    Why no intercept (``anchor``, ``residual``, ``convex``): a fitted intercept is the training
+    sessions' mean rating, and under leave-one-session-out that mean anti-correlates with the
+    held-out session's (the artifact above). Free weights that shrink the members' run levels let that intercept set
     the held-out run level; a convex mix keeps the run level on the members' own scale, so the
     stack's run level is never more artifact-driven than its members'. Why ``anchor`` over
     ``convex``: on the tuning variants (demo, var_both) the run-level weights, fitted on a few
@@ -62,16 +67,19 @@ class StackCombiner:
     decoder_adapter = "painnet.experiments.stack.StackDecoder"
 
     def __init__(
-        self, bin_size: str = "1min", run_level: str = "convex", anchor: str | None = None
+        self,
+        bin_size: str = "1min",
+        run_level: str = "convex",
+        anchor: str | None = None,
     ):
         if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
             timed = [k for k, v in BIN_SIZES.items() if v is not None]
             raise ValueError(f"model.bin_size={bin_size!r}: choose one of {timed}")
         if run_level not in RUN_LEVEL_MODES:
             raise ValueError(f"model.run_level={run_level!r}: choose one of {RUN_LEVEL_MODES}")
-        if run_level == "anchor" and not anchor:
+        if run_level in ("anchor", "residual") and not anchor:
             raise ValueError(
-                "model.run_level=anchor needs model.anchor (the member whose run level is kept)"
+                f"model.run_level={run_level} needs model.anchor (the member whose run level is kept)"
             )
         self.bin_size = bin_size
         self.run_level = run_level
@@ -144,8 +152,8 @@ class StackCombiner:
         scale = Xb.std(axis=0)
         usable = scale > 1e-12 * max(1.0, float(np.abs(Xb).max()))
         weights = np.zeros(Xb.shape[1])
-        if self.run_level in ("convex", "anchor"):
-            if self.run_level == "anchor" and self.anchor not in tables:
+        if self.run_level in ("convex", "anchor", "residual"):
+            if self.run_level != "convex" and self.anchor not in tables:
                 raise ValueError(f"model.anchor={self.anchor!r} is not a member ({list(tables)})")
             return self._fit_convex(list(tables), names, Xb, y, scale, usable)
         if usable.any():
@@ -175,16 +183,30 @@ class StackCombiner:
         return self
 
     def _fit_convex(self, members, names, Xb, y, scale, usable) -> StackCombiner:
-        """Run means mixed on the simplex, within-run parts by non-negative weights, no
-        intercept: least squares on the inner bins (SLSQP; a handful of weights)."""
+        """No intercept; least squares on the inner bins (SLSQP; a handful of weights).
+
+        ``mixed`` columns get weights on the simplex (``convex``: every member's run mean;
+        ``anchor``: the anchor's run mean alone, so weight 1; ``residual``: the anchor's run
+        mean and within-run part, both weight 1), every other usable within-run part a free
+        non-negative weight."""
         from scipy.optimize import minimize
 
-        run = np.array([n.endswith(":run") for n in names])
-        if self.run_level == "anchor":  # only the anchor's run level; the others' weigh 0
-            run = np.array([n == f"{self.anchor}:run" for n in names])
-            usable = usable & ~np.array([n.endswith(":run") for n in names])
-        within = ~np.array([n.endswith(":run") for n in names]) & usable
-        R, W = Xb[:, run], Xb[:, within] / scale[within]
+        is_run = np.array([n.endswith(":run") for n in names])
+        of_anchor = np.array([n.split(":")[0] == self.anchor for n in names])
+        if self.run_level == "convex":
+            mixed = is_run
+        elif self.run_level == "anchor":
+            mixed = is_run & of_anchor
+        else:  # residual
+            mixed = of_anchor
+        within = ~is_run & ~mixed & usable
+        # residual: the anchor's two parts are one column (weight 1 on its whole prediction)
+        R = (
+            Xb[:, mixed].sum(axis=1, keepdims=True)
+            if self.run_level == "residual"
+            else Xb[:, mixed]
+        )
+        W = Xb[:, within] / scale[within]
         k, q = R.shape[1], W.shape[1]
 
         def loss(theta):
@@ -203,7 +225,7 @@ class StackCombiner:
         theta = np.clip(solution.x, 0.0, None)
         theta[:k] /= theta[:k].sum()
         weights = np.zeros(len(names))
-        weights[run] = theta[:k]
+        weights[mixed] = theta[0] if self.run_level == "residual" else theta[:k]
         weights[within] = theta[k:] / scale[within]
         self.members_, self.features_ = list(members), names
         self.weights_, self.intercept_ = weights, 0.0
