@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.stack_rows import write_derived
+from painnet.atomic import write_text_atomic
 
 VARIANTS = {
     "demo": "tuned on: demo (activation + co-fluctuation, TR 0.46 s, 100 parcels, 8 sessions)",
@@ -120,9 +121,7 @@ def load_timings(out: Path) -> dict:
 
 
 def save_timings(out: Path, timings: dict) -> None:
-    tmp = out / "timings.json.tmp"
-    tmp.write_text(json.dumps(timings, indent=1))
-    os.replace(tmp, out / "timings.json")
+    write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -315,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[1:] if argv is None else argv
         )
         command_file.write_text(command + "\n")
-    tmp = args.markdown.with_suffix(".md.tmp")
-    tmp.write_text(render(args.out, command.strip()))
-    os.replace(tmp, args.markdown)
+    write_text_atomic(args.markdown, render(args.out, command.strip()))
     print(f"wrote {args.markdown}")
     return 0
 

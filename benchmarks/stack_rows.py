@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from painnet.atomic import write_csv_atomic
 from painnet.evaluation.report import evaluate_by
 from painnet.evaluation.table import LABEL_DTYPES
 from painnet.experiments.aggregate import collect_runs, pooled_predictions
@@ -84,7 +85,5 @@ def write_derived(
     out = variant_dir / DERIVED_DIR
     out.mkdir(exist_ok=True)
     for name, table in (("within_subject", within), ("comparison", pd.concat(comparisons))):
-        tmp = out / f".{name}.csv.tmp"
-        table.to_csv(tmp, index=False)
-        tmp.replace(out / f"{name}.csv")
+        write_csv_atomic(out / f"{name}.csv", table)
     return True

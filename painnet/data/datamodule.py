@@ -200,18 +200,24 @@ class PainDataModule(L.LightningDataModule):
         return table
 
     # -- loaders ----------------------------------------------------------------------------
+    _split_label = "split"  # how errors name the split
+
+    def _targets_only(self, role: str) -> bool:
+        """Whether a role's windows end only on frames with a valid target."""
+        return role != "predict"
+
     def dataset(self, role: str) -> WindowDataset:
         """Windows of a role: train/val/test (valid targets) or predict (every frame of test runs)."""
         if role not in self._datasets:
             source = "test" if role == "predict" else role
             idx = self.runs_in(source)
             if not idx:
-                raise ValueError(f"split {self.split.name}: no {source} runs")
+                raise ValueError(f"{self._split_label} {self.split.name}: no {source} runs")
             self._datasets[role] = WindowDataset(
                 [self.runs[i] for i in idx],
                 self.window_frames,
                 run_indices=idx,
-                targets_only=role != "predict",
+                targets_only=self._targets_only(role),
                 stride=self.train_stride if role == "train" else 1,
             )
         return self._datasets[role]

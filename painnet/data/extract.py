@@ -501,16 +501,13 @@ class _MappedFrames:
                 raise
 
     def chunks(
-        self, per_chunk: int, windows: Iterator[int] | None = None, ahead: int = 1
+        self, per_chunk: int, windows: Iterator[int], ahead: int
     ) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_frame, frames (n, V))`` of the windows starting at the frames ``windows``
-        yields (default: all, in order); a chunk is valid until the next one. The window
-        ``ahead`` windows after each is announced to the kernel (the next one this or another
-        thread will take)."""
+        yields (``self.window`` frames each, set by :meth:`reduce` to whole chunks); a chunk is
+        valid until the next one. The window ``ahead`` windows after each is announced to the
+        kernel (the next one this or another thread will take)."""
         layout = self.layout
-        self.window = max(per_chunk, self.window // per_chunk * per_chunk)  # whole chunks
-        if windows is None:
-            windows = iter(range(0, layout.n_frames, self.window))
         for w0 in windows:
             n = min(self.window, layout.n_frames - w0)
             self._announce(w0 + ahead * self.window)

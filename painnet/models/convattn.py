@@ -243,11 +243,15 @@ class ConvAttnDecoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pain estimate per window: x [B, n_parcels, n_frames] float -> [B]."""
         self._check_input(x)
+        return self.head(self.pool(self.parcel_tokens(x))).squeeze(-1)
+
+    def parcel_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """One token per parcel after the cross-parcel attention: [B, P, L] -> [B, P, E] (what
+        the head pools; self-supervised pretraining reconstructs from it)."""
         tokens = self.encode_time(x)  # [B, P, E]
         if self.parcel_embedding is not None:
             tokens = tokens + self.parcel_embedding.weight
-        tokens = self.encoder(tokens)
-        return self.head(self.pool(tokens)).squeeze(-1)
+        return self.encoder(tokens)
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = f"a (B, {self.n_parcels}, {self.n_frames}) floating-point tensor"

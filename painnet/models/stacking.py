@@ -151,18 +151,16 @@ class StackCombiner:
             )
         scale = Xb.std(axis=0)
         usable = scale > 1e-12 * max(1.0, float(np.abs(Xb).max()))
-        weights = np.zeros(Xb.shape[1])
         if self.run_level in ("convex", "anchor", "residual"):
             if self.run_level != "convex" and self.anchor not in tables:
                 raise ValueError(f"model.anchor={self.anchor!r} is not a member ({list(tables)})")
             return self._fit_convex(list(tables), names, Xb, y, scale, usable)
+        weights = np.zeros(Xb.shape[1])
         if usable.any():
             z = (Xb[:, usable] - Xb[:, usable].mean(axis=0)) / scale[usable]
             fit = LinearRegression(positive=True).fit(z, y)
             weights[usable] = fit.coef_ / scale[usable]
-        self.members_ = list(tables)
-        self.features_ = names
-        member_r = {m: _r(_member_bins(Xb, names, m, self.run_level), y) for m in self.members_}
+        member_r = {m: _r(_member_bins(Xb, names, m, self.run_level), y) for m in tables}
         fallback = None
         if not np.any(weights > 0):
             # Nothing generalised positively: fall back to the member with the best
@@ -171,14 +169,23 @@ class StackCombiner:
                 member_r, key=lambda m: -np.inf if np.isnan(member_r[m]) else member_r[m]
             )
             weights = np.array([1.0 if n.split(":")[0] == fallback else 0.0 for n in names])
-        self.weights_ = weights
-        self.intercept_ = float(np.mean(y) - np.mean(Xb @ weights))
+        intercept = float(np.mean(y) - np.mean(Xb @ weights))
+        return self._fitted(
+            list(tables), names, weights, intercept, Xb, y, fallback_member=fallback
+        )
+
+    def _fitted(self, members, names, weights, intercept, Xb, y, **extra) -> StackCombiner:
+        """Store the fitted weights and the report (weights, inner r of each member and of the
+        stack, bins used, and ``extra``)."""
+        self.members_, self.features_ = list(members), names
+        self.weights_, self.intercept_ = weights, intercept
+        member_r = {m: _r(_member_bins(Xb, names, m, self.run_level), y) for m in self.members_}
         self.report_ = {
             "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
-            "intercept": self.intercept_,
-            "inner_r": {**member_r, "stack": _r(Xb @ weights + self.intercept_, y)},
+            "intercept": intercept,
+            "inner_r": {**member_r, "stack": _r(Xb @ weights + intercept, y)},
             "inner_bins": len(y),
-            "fallback_member": fallback,
+            **extra,
         }
         return self
 
@@ -227,18 +234,16 @@ class StackCombiner:
         weights = np.zeros(len(names))
         weights[mixed] = theta[0] if self.run_level == "residual" else theta[:k]
         weights[within] = theta[k:] / scale[within]
-        self.members_, self.features_ = list(members), names
-        self.weights_, self.intercept_ = weights, 0.0
-        member_r = {m: _r(_member_bins(Xb, names, m, self.run_level), y) for m in self.members_}
-        self.report_ = {
-            "weights": {n: float(w) for n, w in zip(names, weights, strict=True)},
-            "intercept": 0.0,
-            "inner_r": {**member_r, "stack": _r(Xb @ weights, y)},
-            "inner_bins": len(y),
-            "fallback_member": None,
-            "converged": bool(solution.success),
-        }
-        return self
+        return self._fitted(
+            members,
+            names,
+            weights,
+            0.0,
+            Xb,
+            y,
+            fallback_member=None,
+            converged=bool(solution.success),
+        )
 
     def combine(self, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         """The combined prediction table (frames of the member tables, their ``split``)."""

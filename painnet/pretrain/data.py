@@ -34,7 +34,6 @@ from painnet.data.preprocess import clean_cached, prepare_runs, run_data, run_qc
 from painnet.data.splits import SessionKey, loso_split, make_split, sessions_by_subject
 from painnet.data.targets import run_targets
 from painnet.data.types import RunData, RunFiles
-from painnet.data.windows import WindowDataset
 
 log = logging.getLogger(__name__)
 
@@ -252,20 +251,10 @@ class PretrainDataModule(PainDataModule):
             ]
         return [i for i, r in enumerate(self.roles) if r == role]
 
-    def dataset(self, role: str) -> WindowDataset:
-        if role not in self._datasets:
-            source = "test" if role == "predict" else role
-            idx = self.runs_in(source)
-            if not idx:
-                raise ValueError(f"pretraining {self.split.name}: no {source} runs")
-            self._datasets[role] = WindowDataset(
-                [self.runs[i] for i in idx],
-                self.window_frames,
-                run_indices=idx,
-                targets_only=role == "test",  # reconstruction needs no target
-                stride=self.train_stride if role == "train" else 1,
-            )
-        return self._datasets[role]
+    _split_label = "pretraining"
+
+    def _targets_only(self, role: str) -> bool:
+        return role == "test"  # reconstruction needs no target; "test" scores labelled runs
 
     # -- audit ----------------------------------------------------------------------------
     def run_table(self) -> pd.DataFrame:

@@ -76,7 +76,7 @@ class MaskedPretrainTask(PainDecoderTask):
     # ---- reconstruction -----------------------------------------------------------------
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The last K frames of every parcel from a (masked) window: [B, P, L] -> [B, P, K]."""
-        return self.recon_head(parcel_tokens(self.net, x))
+        return self.recon_head(self.net.parcel_tokens(x))
 
     def draw_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bool [B, P, K]: the entries of the last K frames that are hidden (and scored)."""
@@ -130,14 +130,6 @@ class MaskedPretrainTask(PainDecoderTask):
         return []  # no binned validation r: the pain head is not trained here
 
 
-def parcel_tokens(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """ConvAttn's per-parcel tokens after the cross-parcel attention: [B, P, L] -> [B, P, E]."""
-    tokens = net.encode_time(x)
-    if net.parcel_embedding is not None:
-        tokens = tokens + net.parcel_embedding.weight
-    return net.encoder(tokens)
-
-
 def receptive_field(net: nn.Module) -> int:
     """Frames that reach a parcel's token: the causal convs' span when time is summarised by
     the last frame, else the whole window."""
@@ -149,7 +141,7 @@ def receptive_field(net: nn.Module) -> int:
 
 
 def _check_backbone(net: nn.Module) -> None:
-    needed = ("encode_time", "encoder", "parcel_embedding", "conv", "time_pool", "n_frames")
+    needed = ("parcel_tokens", "encoder", "conv", "time_pool", "n_frames")
     missing = [name for name in needed if not hasattr(net, name)]
     if missing or getattr(net.encoder, "norm", None) is None:
         raise ValueError(
