@@ -139,6 +139,19 @@ def gather_predictions(batches: Sequence[Mapping] | None, dataset=None) -> list[
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
 
 
+def release_process_group() -> None:
+    """Destroy the default process group, if this process joined one.
+
+    Lightning leaves the group alive after ``fit``/``predict``; if the interpreter then exits
+    with it, gloo's worker threads can be torn down while joinable and the process aborts
+    (``terminate called without an active exception``, exit -6) after all work was written.
+    Called once on success only: after an error other ranks may still be inside a collective,
+    and destroying the group then could wait on them forever.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
     """False in the processes of ranks 1..N-1, which must not write a job's outputs.
 

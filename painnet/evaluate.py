@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from painnet.config_checks import check_config
+from painnet.distributed import release_process_group
 from painnet.experiments.reevaluate import run_evaluate
 
 # The user-local search path (./conf) is optional: no warning when a folder has none.
@@ -25,6 +26,7 @@ warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, pa
 def main(cfg: DictConfig) -> float:
     check_config(cfg)
     metrics = run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
+    release_process_group()  # a DDP run must not exit with its group alive (gloo aborts)
     value = metrics.get("r_1min")
     return float("nan") if value is None else float(value)
 

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from painnet.config_checks import check_config
+from painnet.distributed import release_process_group
 from painnet.experiments.runner import configure_threads, run_from_hydra
 from painnet.experiments.single import run_single
 
@@ -35,10 +36,13 @@ def main(cfg: DictConfig) -> float:
     check_config(cfg)
     configure_threads(cfg)
     if cfg.get("study"):
-        return run_from_hydra(cfg)
-    metrics = run_single(cfg, HydraConfig.get().runtime.output_dir)
-    value = metrics.get("r_1min")
-    return float("nan") if value is None else float(value)
+        value = run_from_hydra(cfg)
+    else:
+        metrics = run_single(cfg, HydraConfig.get().runtime.output_dir)
+        r_1min = metrics.get("r_1min")
+        value = float("nan") if r_1min is None else float(r_1min)
+    release_process_group()  # a DDP run must not exit with its group alive (gloo aborts)
+    return value
 
 
 if __name__ == "__main__":

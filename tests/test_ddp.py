@@ -34,7 +34,7 @@ WORKER = textwrap.dedent(
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import open_dict
-    from painnet.distributed import gather_predictions, merge_batches
+    from painnet.distributed import gather_predictions, merge_batches, release_process_group
 
     conf_dir, out, *overrides = sys.argv[1:]
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -58,6 +58,7 @@ WORKER = textwrap.dedent(
     json.dump({"val_r": val_r, "world_size": trainer.world_size}, open(f"{out}/rank_{rank}.json", "w"))
     if trainer.is_global_zero:
         np.savez(f"{out}/gathered.npz", **rows)
+    release_process_group()  # as the CLI does: exiting with a live gloo group can abort
     """
 )
 
