@@ -303,6 +303,38 @@ def test_window_ridge_decodes_activation_coded_pain_in_held_out_session(summary)
     assert set(model.cv_scores_) == set(model.alphas)
 
 
+def test_within_run_ridge_fits_only_the_shape_of_each_run():
+    """target="within_run": each run's ratings are centred before the fit, so a session's pain
+    level (which per-run z-scored activity cannot carry) neither enters the fit nor the inner
+    CV score; predictions have no run level and keep the within-run shape."""
+    runs = _dataset(6, "activation", n_sessions=4)
+    offsets = {"01": 3.0, "02": -2.0, "03": 5.0, "04": 0.0}  # large session-level pain
+    for run in runs:
+        run.target[:] += offsets[run.key.session]
+    train, test = _split(runs, "04")
+
+    model = WindowRidge(window_s=3.0, summary="mean", target="within_run")
+    preds = fit_predict(model, train, test)
+
+    assert model.pipeline_[-1].intercept_ == pytest.approx(0.0, abs=1e-9)
+    for run in test:
+        p, y = preds[run.key], run.target.astype(np.float64)
+        ok = np.isfinite(p) & np.isfinite(y)
+        assert abs(p[ok].mean()) < 0.1 * p[ok].std()  # no run level of its own
+        assert np.corrcoef(p[ok], y[ok])[0, 1] > 0.5
+    # The inner CV scores run-centred held-out windows: the offsets cannot raise or lower them.
+    plain = WindowRidge(window_s=3.0, summary="mean", target="within_run").fit(
+        [_with_target(r, r.target - offsets[r.key.session]) for r in train]
+    )
+    assert plain.cv_scores_ == pytest.approx(model.cv_scores_, abs=1e-9)
+    with pytest.raises(ValueError, match="target must be one of"):
+        WindowRidge(target="session")
+
+
+def _with_target(run: RunData, target: np.ndarray) -> RunData:
+    return RunData(run.key, run.tr, run.series, run.kept, target, run.time_s)
+
+
 def test_fitted_models_survive_pickling(tmp_path):
     runs = _dataset(16, "activation", n_sessions=3)
     train, test = _split(runs, "03")

@@ -839,6 +839,7 @@ def _predictions_for_k(pred_all_k: np.ndarray, y_mean: float, ks: np.ndarray) ->
 # --------------------------------------------------------------------------------------------
 
 _SUMMARIES = ("flatten", "mean", "last")
+_RIDGE_TARGETS = ("rating", "within_run")
 
 
 class WindowRidge:
@@ -862,6 +863,13 @@ class WindowRidge:
         ``alphas[0]``.
     stride:
         Keep every ``stride``-th training window (memory: ``n_windows × n_features`` float32).
+    target:
+        ``"rating"``: fit the ratings. ``"within_run"``: fit each training run's ratings minus
+        that run's mean, and score the inner CV on run-centred held-out predictions. Per-run
+        z-scored activity cannot carry a run's mean pain, so its level only adds the
+        leave-one-session-out artifact; a model that is asked only for the within-run shape
+        (a stack member: the stack reads its run level from another member) should not spend
+        its penalty on it. Predictions then have no run level (about 0 on every run).
 
     Features are standardised with the training windows' statistics (sklearn
     ``Pipeline(StandardScaler, Ridge)``); inner folds standardise with their own training part
@@ -883,9 +891,12 @@ class WindowRidge:
         inner_cv: bool = True,
         stride: int = 1,
         inner_folds: int | None = None,
+        target: str = "rating",
     ) -> None:
         if summary not in _SUMMARIES:
             raise ValueError(f"summary must be one of {_SUMMARIES}, got {summary!r}")
+        if target not in _RIDGE_TARGETS:
+            raise ValueError(f"target must be one of {_RIDGE_TARGETS}, got {target!r}")
         if window_s <= 0 or stride < 1 or len(alphas) == 0:
             raise ValueError("window_s must be > 0, stride >= 1 and alphas non-empty")
         self.window_s = window_s
@@ -894,6 +905,7 @@ class WindowRidge:
         self.inner_cv = inner_cv
         self.stride = stride
         self.inner_folds = inner_folds
+        self.target = target
 
     def window_frames(self, tr: float) -> int:
         """Window length L in frames for repetition time ``tr`` seconds."""
@@ -930,7 +942,8 @@ class WindowRidge:
             if run.key.session_key not in session_names:
                 session_names.append(run.key.session_key)
             xs.append(self.window_features(run, ends))
-            ys.append(run.target[ends].astype(np.float64))
+            y = run.target[ends].astype(np.float64)
+            ys.append(y - y.mean() if self.target == "within_run" and y.size else y)
             sessions.append(np.full(ends.size, session_names.index(run.key.session_key)))
             run_codes.append(np.full(ends.size, code))
         x = np.concatenate(xs)
@@ -950,7 +963,8 @@ class WindowRidge:
         self.cv_scores_ = {}
         alpha = self.alphas[0]
         if self.inner_cv and len(self.alphas) > 1:
-            self.cv_scores_ = self._inner_cv_scores(x, y, _inner_groups(sessions, run_codes))
+            groups = _inner_groups(sessions, run_codes)
+            self.cv_scores_ = self._inner_cv_scores(x, y, groups, run_codes)
             scores = np.array(list(self.cv_scores_.values()))[::-1]  # larger alpha wins ties
             alpha = list(self.cv_scores_)[::-1][_best_index(scores)]
         self.alpha_ = float(alpha)
@@ -959,16 +973,22 @@ class WindowRidge:
         self.training_sessions_ = tuple(sorted({run.key.session_key for run in runs}))
         return self
 
-    def _inner_cv_scores(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict:
-        """Pooled held-out r of windows for every alpha over the grouped inner folds."""
+    def _inner_cv_scores(
+        self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, run_codes: np.ndarray
+    ) -> dict:
+        """Pooled held-out r of windows for every alpha over the grouped inner folds
+        (``target="within_run"``: of windows centred on their run's held-out mean)."""
         if self.inner_folds is None:
             splitter = LeaveOneGroupOut()
         else:
             splitter = GroupKFold(n_splits=min(self.inner_folds, np.unique(groups).size))
         folds = list(splitter.split(x, y, groups))
-        preds = _grouped_ridge_predictions(x, y, folds, self.alphas)
+        preds = np.concatenate(_grouped_ridge_predictions(x, y, folds, self.alphas))
         truth = np.concatenate([y[test] for _, test in folds])
-        scores = _pooled_r(np.concatenate(preds), truth)
+        if self.target == "within_run":
+            runs = np.concatenate([run_codes[test] for _, test in folds])
+            preds, truth = _centre_by(preds, runs), _centre_by(truth, runs)
+        scores = _pooled_r(preds, truth)
         return {a: float(s) for a, s in zip(self.alphas, scores)}
 
     def predict_run(self, run: RunData) -> np.ndarray:
@@ -984,6 +1004,16 @@ class WindowRidge:
         if ends.size:
             pred[ends] = self.pipeline_.predict(self.window_features(run, ends))
         return pred
+
+
+def _centre_by(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``values`` (N,) or (N, K) minus the mean of their rows with the same code."""
+    _, index = np.unique(codes, return_inverse=True)
+    counts = np.bincount(index).astype(np.float64)
+    sums = np.zeros((counts.size,) + values.shape[1:])
+    np.add.at(sums, index, values)
+    means = sums / counts.reshape((-1,) + (1,) * (values.ndim - 1))
+    return values - means[index]
 
 
 def _moments(x: np.ndarray, y: np.ndarray, shift: np.ndarray) -> tuple:
