@@ -243,6 +243,7 @@ RULES: dict[str, Rule] = {
     "callbacks.early_stopping.patience": _INT_NONNEG,  # reached through model.member_jobs
     "model.window_s": _POSITIVE,
     "model.alphas.*": _POSITIVE,
+    "model.target": OneOf(("rating", "within_run")),  # model=ridge's training target
     # experiments
     "finetune.pretrain_epochs": _INT_POS,
     "finetune.n_val": _INT_NONNEG,

@@ -435,6 +435,17 @@ def test_the_datamodule_checks_its_own_arguments(override, message, make_cfg, tm
     assert files_under(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "model, key", [("ridge", "model.target"), ("stack", "model.members.ridge.target")]
+)
+def test_an_unknown_ridge_target_names_its_key(model, key, make_cfg):
+    cfg = make_cfg("data=tiny", f"model={model}", f"{key}=session")
+    with pytest.raises(
+        ConfigError, match=rf"{key}='session': must be one of \['rating', 'within_run'\]"
+    ):
+        check_config(cfg)
+
+
 def test_every_error_is_reported_at_once(make_cfg):
     cfg = make_cfg("data=tiny", "data.lag_s=-1", "data.batch_size=0")
     with pytest.raises(ConfigError) as info:
