@@ -154,7 +154,6 @@ def variant_table(out: Path, variant: str) -> tuple[pd.DataFrame | None, pd.Data
             if name == "within_subject.csv":
                 # the stack's edge_pcr member is the edge_pcr loop's model: its row repeats it
                 extra = extra[~extra["model"].isin([f"{m}@stack" for m in SAME_AS_OWN_LOOP])]
-            if name == "within_subject.csv":
                 metrics = extra if metrics is None else pd.concat([metrics, extra])
             else:
                 comparison = extra if comparison is None else pd.concat([comparison, extra])

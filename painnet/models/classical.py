@@ -987,7 +987,8 @@ class WindowRidge:
         truth = np.concatenate([y[test] for _, test in folds])
         if self.target == "within_run":
             runs = np.concatenate([run_codes[test] for _, test in folds])
-            preds, truth = _centre_by(preds, runs), _centre_by(truth, runs)
+            preds = preds - np.column_stack([group_nanmean(p, runs) for p in preds.T])
+            truth = truth - group_nanmean(truth, runs)
         scores = _pooled_r(preds, truth)
         return {a: float(s) for a, s in zip(self.alphas, scores)}
 
@@ -1006,14 +1007,15 @@ class WindowRidge:
         return pred
 
 
-def _centre_by(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """``values`` (N,) or (N, K) minus the mean of their rows with the same code."""
-    _, index = np.unique(codes, return_inverse=True)
-    counts = np.bincount(index).astype(np.float64)
-    sums = np.zeros((counts.size,) + values.shape[1:])
-    np.add.at(sums, index, values)
-    means = sums / counts.reshape((-1,) + (1,) * (values.ndim - 1))
-    return values - means[index]
+def group_nanmean(values: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Each value replaced by the mean of the finite values of its group (``group``: codes
+    0..G-1); NaN where the value itself is not finite (e.g. run means of frame predictions)."""
+    finite = np.isfinite(values)
+    sums = np.bincount(group[finite], weights=values[finite], minlength=group.max() + 1)
+    counts = np.bincount(group[finite], minlength=group.max() + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    return np.where(finite, means[group], np.nan)
 
 
 def _moments(x: np.ndarray, y: np.ndarray, shift: np.ndarray) -> tuple:

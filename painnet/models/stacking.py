@@ -28,6 +28,7 @@ import pandas as pd
 
 from painnet.evaluation.bins import bin_predictions
 from painnet.evaluation.table import BIN_SIZES, FRAME_KEYS, RUN_KEYS
+from painnet.models.classical import group_nanmean
 
 RUN_LEVEL_MODES = ("residual", "anchor", "convex", "split", "pooled")
 
@@ -119,7 +120,7 @@ class StackCombiner:
         for j, name in enumerate(names):
             p = stacked[:, j]
             if self.run_level != "pooled":
-                mean = _group_nanmean(p, run_id)
+                mean = group_nanmean(p, run_id)
                 feature_columns += [mean, p - mean]
                 columns += [f"{name}:run", f"{name}:within"]
             else:
@@ -256,15 +257,6 @@ class StackCombiner:
 
     def hyperparameters(self) -> dict:
         return dict(self.report_)
-
-
-def _group_nanmean(values: np.ndarray, group: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(values)
-    sums = np.bincount(group[finite], weights=values[finite], minlength=group.max() + 1)
-    counts = np.bincount(group[finite], minlength=group.max() + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts
-    return np.where(finite, means[group], np.nan)
 
 
 def _member_bins(Xb: np.ndarray, names: list[str], member: str, run_level: str) -> np.ndarray:
