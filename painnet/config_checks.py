@@ -244,6 +244,11 @@ RULES: dict[str, Rule] = {
     "model.window_s": _POSITIVE,
     "model.alphas.*": _POSITIVE,
     "model.target": OneOf(("rating", "within_run")),  # model=ridge's training target
+    # model=cofluct (painnet/models/cofluct.py)
+    "model.rank": _INT_POS,
+    "model.shrinkage": _NONNEG,
+    "model.alpha": _NONNEG,
+    "model.run_alphas.*": Number(lo=0, also=(math.inf,)),  # .inf: the training mean alone
     # experiments
     "finetune.pretrain_epochs": _INT_POS,
     "finetune.n_val": _INT_NONNEG,

@@ -15,16 +15,14 @@ Specifications:
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from painnet.callbacks import BinnedValidation, binned_r
 from painnet.data.windows import window_ends
 from painnet.experiments.decoder import make_decoder
-from painnet.experiments.single import build_datamodule, run_single
+from painnet.experiments.single import build_datamodule
 from painnet.models.classical import EdgePCR, WindowRidge, quadratic_predict
 from painnet.models.hybrid import HybridDecoder, LinearPathway, QuadraticPathway
 
@@ -242,41 +240,19 @@ def test_initial_weights_win_when_training_only_hurts(make_cfg, tiny_root, tmp_p
     assert torch.count_nonzero(head) == 0
 
 
-def _cofluctuation_only_root(data_dir):
-    from painnet.data.simulate import simulate_dataset
-
-    return simulate_dataset(data_dir / "sim-tiny_cofluct-seed0", "tiny_cofluct", 0)
-
-
 @pytest.mark.slow
 def test_hybrid_decodes_cofluctuation_only_pain_above_chance(make_cfg, data_dir, tmp_path):
     """Pain only in co-fluctuation (activation gain 0): the hybrid's pooled held-out r of
     1-min bins over all LOSO folds beats a chance bar calibrated from the ratings themselves
     (r between ratings of different sessions, as tests/test_learning.py does)."""
-    from tests.test_learning import chance_sd_of_r
+    from tests.test_learning import held_out_r_on_tiny_cofluct
 
-    _cofluctuation_only_root(data_dir)
-    tables = []
-    for fold in range(3):
-        out = tmp_path / f"fold{fold}"
-        cfg = make_cfg(
-            "data=tiny",
-            "data.simulate.preset=tiny_cofluct",
-            "model=hybrid",
-            "model.net.n_last=11",  # the form averaged over ~5 s: a less noisy amplitude
-            f"split.fold={fold}",
-            "trainer.max_epochs=3",
-            *FAST,
-            output_dir=out,
-        )
-        run_single(cfg, out)
-        tables.append(pd.read_csv(out / "predictions.csv"))
-    table = pd.concat(tables).dropna(subset=["rating", "prediction"])
-    r = table.rating.corr(table.prediction)
-    cfg = make_cfg("data=tiny", "data.simulate.preset=tiny_cofluct", "split=cross_subject")
-    dm = instantiate(cfg.data, split=cfg.split, _recursive_=False)
-    dm.setup()
-    # chance spread of r for one run, shrunk by the number of held-out runs pooled
-    n_runs = table.groupby(["session", "run"]).ngroups
-    bar = max(0.3, 3 * chance_sd_of_r(dm) / np.sqrt(n_runs))
+    r, bar = held_out_r_on_tiny_cofluct(
+        make_cfg,
+        data_dir,
+        tmp_path,
+        "model=hybrid",
+        "model.net.n_last=11",  # the form averaged over ~5 s: a less noisy amplitude
+        "trainer.max_epochs=3",
+    )
     assert r > bar, f"pooled held-out r {r:.2f} vs chance bar {bar:.2f}"

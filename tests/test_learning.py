@@ -29,6 +29,46 @@ def chance_sd_of_r(dm: PainDataModule) -> float:
     return float(np.std(rs))
 
 
+def pooled_r_and_chance_bar(tables: list[pd.DataFrame], dm: PainDataModule) -> tuple[float, float]:
+    """The pooled held-out r of prediction tables (every frame with a rating) and the chance
+    bar it must beat: 3 chance spreads of one run's r, shrunk by the number of runs pooled
+    (floored at 0.3)."""
+    table = pd.concat(tables).dropna(subset=["rating", "prediction"])
+    n_runs = table.groupby(["session", "run"]).ngroups
+    bar = max(0.3, 3 * chance_sd_of_r(dm) / np.sqrt(n_runs))
+    return float(table.rating.corr(table.prediction)), bar
+
+
+def held_out_r_on_tiny_cofluct(make_cfg, data_dir, tmp_path, *overrides: str) -> tuple:
+    """(pooled r, chance bar) of a model trained by the job code on 3 leave-one-session-out
+    folds of participant 01 of ``tiny_cofluct`` (pain only in co-fluctuation)."""
+    from hydra.utils import instantiate
+
+    from painnet.data.simulate import simulate_dataset
+
+    simulate_dataset(data_dir / "sim-tiny_cofluct-seed0", "tiny_cofluct", 0)
+    tables = []
+    for fold in range(3):
+        out = tmp_path / f"fold{fold}"
+        cfg = make_cfg(
+            "data=tiny",
+            "data.simulate.preset=tiny_cofluct",
+            f"split.fold={fold}",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            "eval.n_boot=100",
+            "eval.plots=false",
+            *overrides,
+            output_dir=out,
+        )
+        run_single(cfg, out)
+        tables.append(pd.read_csv(out / "predictions.csv"))
+    cfg = make_cfg("data=tiny", "data.simulate.preset=tiny_cofluct", "split=cross_subject")
+    dm = instantiate(cfg.data, split=cfg.split, _recursive_=False)
+    dm.setup()
+    return pooled_r_and_chance_bar(tables, dm)
+
+
 def test_convattn_decodes_held_out_sessions_above_chance(make_cfg, tiny_root, tmp_path):
     torch.manual_seed(0)
     held_out_r = []

@@ -126,6 +126,18 @@ def test_residual_is_no_worse_than_the_anchor_when_the_other_member_is_noise():
     assert r["stack"] > r["edge"] - 0.02
 
 
+def test_several_anchors_average_their_run_levels_with_equal_weights():
+    fitted = StackCombiner(run_level="anchor", anchor=["edge", "deep"]).fit(_tables(seed=0))
+    w = fitted.report_["weights"]
+    assert (w["edge:run"], w["deep:run"], fitted.intercept_) == (0.5, 0.5, 0.0)
+    assert w["deep:within"] > 0.5
+
+
+def test_residual_takes_one_anchor():
+    with pytest.raises(ValueError, match="residual takes one model.anchor"):
+        StackCombiner(run_level="residual", anchor=["edge", "deep"])
+
+
 def test_an_anchor_that_is_no_member_is_named():
     with pytest.raises(ValueError, match="model.anchor"):
         StackCombiner(run_level="anchor")
@@ -210,7 +222,7 @@ def test_a_stack_job_predicts_the_weighted_sum_of_its_members(make_cfg, tmp_path
     )
     run_single(cfg, out)
     report = json.loads((out / "stack.json").read_text())
-    assert report["members"] == ["edge_pcr", "ridge", "convattn"]
+    assert report["members"] == ["edge_pcr", "ridge", "cofluct", "convattn"]
     assert all(w >= 0 for w in report["weights"].values())
     assert len(report["inner_folds"]) == 2
     inner = pd.read_csv(out / "stack_inner_predictions.csv", dtype={"session": str})

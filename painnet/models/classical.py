@@ -114,6 +114,25 @@ def _check_run_arrays(run: RunData) -> None:
         raise ValueError(f"run {name}: series has non-finite values on kept frames")
 
 
+def _window_frames_of(model, runs: Sequence[RunData]) -> int:
+    """The one window length (frames) of a windowed model over ``runs``; runs whose TRs give
+    different lengths are an error."""
+    lengths = {model.window_frames(run.tr) for run in runs}
+    if len(lengths) > 1:
+        raise ValueError(f"runs differ in TR: window lengths {sorted(lengths)} frames")
+    return lengths.pop()
+
+
+def _check_window(model, run: RunData) -> None:
+    """A run to predict gives the fitted window length (and the fitted parcel count)."""
+    _check_parcels(run, model.n_parcels_)
+    if model.window_frames(run.tr) != model.window_frames_:
+        raise ValueError(
+            f"run {run.key.bids_prefix()}: TR {run.tr} s gives a {model.window_frames(run.tr)}"
+            f"-frame window; the model was fitted with {model.window_frames_}"
+        )
+
+
 def _check_parcels(run: RunData, n_parcels: int) -> None:
     _check_run_arrays(run)
     if run.n_parcels != n_parcels:
@@ -955,10 +974,7 @@ class WindowRidge:
         """Fit on the runs of the training sessions."""
         runs = list(runs)
         self.n_parcels_ = _check_runs(runs, need_targets=True)
-        lengths = {self.window_frames(run.tr) for run in runs}
-        if len(lengths) > 1:
-            raise ValueError(f"runs differ in TR: window lengths {sorted(lengths)} frames")
-        self.window_frames_ = lengths.pop()
+        self.window_frames_ = _window_frames_of(self, runs)
         x, y, sessions, run_codes = self._stack(runs)
         self.cv_scores_ = {}
         alpha = self.alphas[0]
@@ -994,12 +1010,7 @@ class WindowRidge:
 
     def predict_run(self, run: RunData) -> np.ndarray:
         """Frame-level predictions (T,) float64; NaN on frames not kept or without a full window."""
-        _check_parcels(run, self.n_parcels_)
-        if self.window_frames(run.tr) != self.window_frames_:
-            raise ValueError(
-                f"run {run.key.bids_prefix()}: TR {run.tr} s gives a {self.window_frames(run.tr)}"
-                f"-frame window; the model was fitted with {self.window_frames_}"
-            )
+        _check_window(self, run)
         pred = np.full(run.n_frames, np.nan)
         ends = self.window_ends(run, training=False)
         if ends.size:

@@ -21,7 +21,7 @@ runs the members' inner cross-validation is :class:`painnet.experiments.stack.St
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,11 @@ class StackCombiner:
         run_level: how the stack's run level is made.
             ``anchor`` (``model=stack``'s default) -- the run level of member ``anchor`` as is
             (weight 1, no intercept); the within-run parts of every member get free
-            non-negative weights.
+            non-negative weights. ``anchor`` may list several members (those that read
+            session-level pain): the run level is then their run levels' mean, with equal
+            fixed weights (two estimates of one quantity with partly independent errors;
+            weights fitted, or one anchor chosen, on a few inner sessions did worse on the
+            worst simulator variant: benchmarks/decoders.md, status).
             ``residual`` -- member ``anchor``'s whole prediction as is (run level and
             within-run shape, weight 1, no intercept), plus the other members' within-run
             parts with free non-negative weights fitted on what the anchor leaves: the stack
@@ -60,8 +64,8 @@ class StackCombiner:
     stack's run level is never more artifact-driven than its members'. Why ``anchor`` over
     ``convex``: on the tuning variants (demo, var_both) the run-level weights, fitted on a few
     inner sessions, jumped between members from fold to fold and often took a member's
-    anti-correlated run level; the anchor keeps the one run level known to carry session-level
-    pain. Measured comparison of the modes: benchmarks/decoders.md.
+    anti-correlated run level; the anchors keep the run levels known to carry session-level
+    pain (the co-fluctuation readers). Measured comparison of the modes: benchmarks/decoders.md.
     """
 
     #: The decoder adapter that fits the members (see painnet.experiments.decoder.adapter_class).
@@ -71,20 +75,24 @@ class StackCombiner:
         self,
         bin_size: str = "1min",
         run_level: str = "convex",
-        anchor: str | None = None,
+        anchor: str | Sequence[str] | None = None,
     ):
         if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
             timed = [k for k, v in BIN_SIZES.items() if v is not None]
             raise ValueError(f"model.bin_size={bin_size!r}: choose one of {timed}")
         if run_level not in RUN_LEVEL_MODES:
             raise ValueError(f"model.run_level={run_level!r}: choose one of {RUN_LEVEL_MODES}")
-        if run_level in ("anchor", "residual") and not anchor:
+        anchors = [anchor] if isinstance(anchor, str) else list(anchor or ())
+        if run_level in ("anchor", "residual") and not anchors:
             raise ValueError(
                 f"model.run_level={run_level} needs model.anchor (the member whose run level is kept)"
             )
+        if run_level == "residual" and len(anchors) > 1:
+            raise ValueError(f"model.run_level=residual takes one model.anchor, got {anchors}")
         self.bin_size = bin_size
         self.run_level = run_level
-        self.anchor = anchor
+        self.anchor = anchor if isinstance(anchor, str) or anchor is None else list(anchors)
+        self.anchors = anchors
         self.members_: list[str] = []
         self.features_: list[str] = []
         self.weights_: np.ndarray | None = None  # per feature, on the raw feature scale
@@ -153,8 +161,10 @@ class StackCombiner:
         scale = Xb.std(axis=0)
         usable = scale > 1e-12 * max(1.0, float(np.abs(Xb).max()))
         if self.run_level in ("convex", "anchor", "residual"):
-            if self.run_level != "convex" and self.anchor not in tables:
-                raise ValueError(f"model.anchor={self.anchor!r} is not a member ({list(tables)})")
+            missing = [a for a in self.anchors if a not in tables]
+            if self.run_level != "convex" and missing:
+                shown = missing[0] if len(missing) == 1 else missing
+                raise ValueError(f"model.anchor={shown!r} is not a member ({list(tables)})")
             return self._fit_convex(list(tables), names, Xb, y, scale, usable)
         weights = np.zeros(Xb.shape[1])
         if usable.any():
@@ -194,13 +204,13 @@ class StackCombiner:
         """No intercept; least squares on the inner bins (SLSQP; a handful of weights).
 
         ``mixed`` columns get weights on the simplex (``convex``: every member's run mean;
-        ``anchor``: the anchor's run mean alone, so weight 1; ``residual``: the anchor's run
-        mean and within-run part, both weight 1), every other usable within-run part a free
-        non-negative weight."""
+        ``anchor``: the anchors' mean run level as one column, so weight 1; ``residual``: the
+        anchor's run mean and within-run part, both weight 1), every other usable within-run
+        part a free non-negative weight."""
         from scipy.optimize import minimize
 
         is_run = np.array([n.endswith(":run") for n in names])
-        of_anchor = np.array([n.split(":")[0] == self.anchor for n in names])
+        of_anchor = np.array([n.split(":")[0] in self.anchors for n in names])
         if self.run_level == "convex":
             mixed = is_run
         elif self.run_level == "anchor":
@@ -208,12 +218,14 @@ class StackCombiner:
         else:  # residual
             mixed = of_anchor
         within = ~is_run & ~mixed & usable
-        # residual: the anchor's two parts are one column (weight 1 on its whole prediction)
-        R = (
-            Xb[:, mixed].sum(axis=1, keepdims=True)
-            if self.run_level == "residual"
-            else Xb[:, mixed]
-        )
+        # residual: the anchor's two parts are one column (weight 1 on its whole prediction);
+        # anchor: the anchors' run levels averaged with equal, fixed weights (one column)
+        if self.run_level == "residual":
+            R = Xb[:, mixed].sum(axis=1, keepdims=True)
+        elif self.run_level == "anchor":
+            R = Xb[:, mixed].mean(axis=1, keepdims=True)
+        else:
+            R = Xb[:, mixed]
         W = Xb[:, within] / scale[within]
         k, q = R.shape[1], W.shape[1]
 
@@ -233,7 +245,10 @@ class StackCombiner:
         theta = np.clip(solution.x, 0.0, None)
         theta[:k] /= theta[:k].sum()
         weights = np.zeros(len(names))
-        weights[mixed] = theta[0] if self.run_level == "residual" else theta[:k]
+        if self.run_level == "convex":
+            weights[mixed] = theta[:k]
+        else:  # one column: the anchor's whole prediction, or the anchors' mean run level
+            weights[mixed] = theta[0] / (1 if self.run_level == "residual" else mixed.sum())
         weights[within] = theta[k:] / scale[within]
         return self._fitted(
             members,
