@@ -182,8 +182,8 @@ and +0.13 (p = 0.006) over edge_pcr. How it was chosen, honestly: every variant'
 jobs had been read in earlier runs, so nothing here is held out any more. The cofluct member was
 built from a simulator-free argument (a co-fluctuation code whose amplitude follows pain makes
 the edge model's matrix W low-rank) and a ceiling computed with the simulator's true networks
-(run level of the true projection's power: r 0.5-0.95 with the run's mean rating, where
-edge_pcr's run level reaches 0.08-0.75); its rank (1 of 1-3), the two-level read-out and the
+(run level of the true projection's power: r 0.46-0.95 with the run's mean rating on the five
+variants with a co-fluctuation code, where edge_pcr's run level reaches -0.03 to 0.75); its rank (1 of 1-3), the two-level read-out and the
 run-level ridge chosen by leave-one-session-out were compared on all six variants' folds
 offline, and the anchor (edge_pcr's run level, cofluct's, their fitted or equal mix, or one
 chosen by the inner folds) on the saved jobs of all six; equal weights had the best worst case.

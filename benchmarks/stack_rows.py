@@ -37,10 +37,18 @@ def stack_job_dirs(variant_dir: Path, stack_name: str = "stack") -> list[Path]:
     return sorted(p.parent for p in variant_dir.glob(f"{stack_name}-*/*/{COMBINER_PICKLE}"))
 
 
+def _member_anchors(full, members: list[str]) -> list[str]:
+    """The job's anchors that are among ``members`` (edge_pcr if none is: the study's model)."""
+    anchor = getattr(full, "anchor", None) or "edge_pcr"
+    anchors = [anchor] if isinstance(anchor, str) else list(anchor)
+    return [a for a in anchors if a in members] or ["edge_pcr"]
+
+
 def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFrame:
     """Pooled prediction tables of every member alone and of each variant of the stack:
-    ``subsets`` maps a row label to ``{"members": [...], "run_level": ...}`` (either key may
-    be left out: the job's own members / mode)."""
+    ``subsets`` maps a row label to ``{"members": [...], "run_level": ..., "anchor": ...}``
+    (any key may be left out: the job's own members / mode / those of its anchors that are
+    among the members)."""
     parts = []
     for job in job_dirs:
         with open(job / COMBINER_PICKLE, "rb") as fh:
@@ -52,7 +60,7 @@ def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFra
         for label, spec in subsets.items():
             members = spec.get("members", full.members_)
             run_level = spec.get("run_level", full.run_level)
-            anchor = spec.get("anchor", getattr(full, "anchor", None) or "edge_pcr")
+            anchor = spec.get("anchor") or _member_anchors(full, members)
             combiner = type(full)(bin_size=full.bin_size, run_level=run_level, anchor=anchor)
             combiner.fit({m: inner[inner.model == m].drop(columns="model") for m in members})
             combined = combiner.combine({m: tables[m] for m in members})

@@ -286,8 +286,9 @@ def test_the_cli_loop_and_the_benchmark_rows_of_a_stack(tmp_path):
     assert set(derived["model"]) == {
         "edge_pcr@stack",
         "ridge@stack",
+        "cofluct@stack",
         "convattn@stack",
-        "stack_edge_convattn",
+        "stack_edge_convattn",  # the job's anchors among these members: edge_pcr
     }
     edge = within.set_index("model").loc["edge_pcr", "r_1min"]
     member = derived.set_index("model").loc["edge_pcr@stack", "r_1min"]
