@@ -39,9 +39,7 @@ def stack_job_dirs(variant_dir: Path, stack_name: str = "stack") -> list[Path]:
 
 def _member_anchors(full, members: list[str]) -> list[str]:
     """The job's anchors that are among ``members`` (edge_pcr if none is: the study's model)."""
-    anchor = getattr(full, "anchor", None) or "edge_pcr"
-    anchors = [anchor] if isinstance(anchor, str) else list(anchor)
-    return [a for a in anchors if a in members] or ["edge_pcr"]
+    return [a for a in full.anchors if a in members] or ["edge_pcr"]
 
 
 def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFrame:

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from painnet.config_checks import check_config
 from painnet.data.types import RunData
-from painnet.models.classical import WindowRidge, fit_predict
-from painnet.models.cofluct import LowRankCofluct, _causal_window_mean
+from painnet.models.classical import WindowRidge, causal_window_mean, fit_predict
+from painnet.models.cofluct import LowRankCofluct
 from tests.test_classical import _run_from_signal
 
 TR = 1.0
@@ -122,7 +122,7 @@ def test_a_prediction_is_the_run_level_plus_a_centred_low_rank_quadratic_form():
     w_within = w_within @ model.directions_.T
     z = run.series.astype(np.float64)
     quad = np.einsum("ti,ij,tj->t", z, w_within, z)[:, None]
-    within = _causal_window_mean(quad, model.window_frames_)[:, 0]
+    within = causal_window_mean(quad, model.window_frames_)[:, 0]
     within[: run.first_kept + model.window_frames_ - 1] = np.nan
     w_run = model.directions_ @ np.diag(model.run_coef_ / model.power_scale_)
     w_run = w_run @ model.directions_.T

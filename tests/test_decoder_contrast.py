@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from painnet.evaluation import bin_predictions, compute_metrics
-from painnet.experiments.single import run_single
+from tests.test_learning import held_out_tables
 
 FOLDS = tuple(range(8))  # every leave-one-session-out fold of participant 01
 # Pain in co-fluctuation only, or in activation only (at twice demo's gain: demo's activation
@@ -30,23 +30,16 @@ def held_out_r(
     nature. Within-run because the simulator shifts each session's rating baseline and gain,
     which no decoder of brain activity can know; pooled r mixes that in.
     """
-    tables = []
-    for fold in FOLDS:
-        out = tmp_path / f"{dataset}-{model}-{fold}"
-        cfg = make_cfg(
-            "data=demo",
-            f"data.root={data_dir}/contrast-{dataset}",
-            *[f"+data.simulate.{gain}" for gain in gains],
-            "data.progress=false",
-            f"model={model}",
-            f"split.fold={fold}",
-            "logger=none",
-            "eval.n_boot=100",
-            "eval.plots=false",
-            output_dir=out,
-        )
-        run_single(cfg, out)
-        tables.append(pd.read_csv(out / "predictions.csv"))
+    tables = held_out_tables(
+        make_cfg,
+        tmp_path / f"{dataset}-{model}",
+        FOLDS,
+        "data=demo",
+        f"data.root={data_dir}/contrast-{dataset}",
+        *[f"+data.simulate.{gain}" for gain in gains],
+        "data.progress=false",
+        f"model={model}",
+    )
     metrics = compute_metrics(bin_predictions(pd.concat(tables), "1min"))
     print(dataset, model, {k: round(v, 3) for k, v in metrics.items()})
     return metrics["within_run_r"]

@@ -39,20 +39,13 @@ def pooled_r_and_chance_bar(tables: list[pd.DataFrame], dm: PainDataModule) -> t
     return float(table.rating.corr(table.prediction)), bar
 
 
-def held_out_r_on_tiny_cofluct(make_cfg, data_dir, tmp_path, *overrides: str) -> tuple:
-    """(pooled r, chance bar) of a model trained by the job code on 3 leave-one-session-out
-    folds of participant 01 of ``tiny_cofluct`` (pain only in co-fluctuation)."""
-    from hydra.utils import instantiate
-
-    from painnet.data.simulate import simulate_dataset
-
-    simulate_dataset(data_dir / "sim-tiny_cofluct-seed0", "tiny_cofluct", 0)
+def held_out_tables(make_cfg, out_root, folds, *overrides: str) -> list[pd.DataFrame]:
+    """The prediction tables of one job per leave-one-session-out fold (``split.fold``), each
+    run by the job code into ``out_root/fold<k>`` with ``overrides`` and fast evaluation."""
     tables = []
-    for fold in range(3):
-        out = tmp_path / f"fold{fold}"
+    for fold in folds:
+        out = out_root / f"fold{fold}"
         cfg = make_cfg(
-            "data=tiny",
-            "data.simulate.preset=tiny_cofluct",
             f"split.fold={fold}",
             "logger=none",
             "trainer.enable_progress_bar=false",
@@ -63,7 +56,20 @@ def held_out_r_on_tiny_cofluct(make_cfg, data_dir, tmp_path, *overrides: str) ->
         )
         run_single(cfg, out)
         tables.append(pd.read_csv(out / "predictions.csv"))
-    cfg = make_cfg("data=tiny", "data.simulate.preset=tiny_cofluct", "split=cross_subject")
+    return tables
+
+
+def held_out_r_on_tiny_cofluct(make_cfg, data_dir, tmp_path, *overrides: str) -> tuple:
+    """(pooled r, chance bar) of a model trained by the job code on 3 leave-one-session-out
+    folds of participant 01 of ``tiny_cofluct`` (pain only in co-fluctuation)."""
+    from hydra.utils import instantiate
+
+    from painnet.data.simulate import simulate_dataset
+
+    simulate_dataset(data_dir / "sim-tiny_cofluct-seed0", "tiny_cofluct", 0)
+    data = ("data=tiny", "data.simulate.preset=tiny_cofluct")
+    tables = held_out_tables(make_cfg, tmp_path, range(3), *data, *overrides)
+    cfg = make_cfg(*data, "split=cross_subject")
     dm = instantiate(cfg.data, split=cfg.split, _recursive_=False)
     dm.setup()
     return pooled_r_and_chance_bar(tables, dm)

@@ -133,6 +133,14 @@ def test_several_anchors_average_their_run_levels_with_equal_weights():
     assert w["deep:within"] > 0.5
 
 
+def test_a_stack_job_names_an_anchor_that_is_no_member_before_fitting(make_cfg):
+    from painnet.experiments.decoder import make_decoder
+
+    cfg = make_cfg("data=tiny", "model=stack", "model.anchor=[edge_pcr,nope]", *FAST)
+    with pytest.raises(ValueError, match="model.anchor='nope' is not a member"):
+        make_decoder(cfg, "stack").validate()
+
+
 def test_residual_takes_one_anchor():
     with pytest.raises(ValueError, match="residual takes one model.anchor"):
         StackCombiner(run_level="residual", anchor=["edge", "deep"])

@@ -93,6 +93,7 @@ class StackDecoder(Decoder):
             if ":" in name:
                 raise ValueError(f"model.members.{name}: member names cannot contain ':'")
             member.validate()
+        self.combiner.check_members(list(self.members))
 
     def fit(self, dm, output_dir: Path, loggers=()) -> StackDecoder:
         self.validate()

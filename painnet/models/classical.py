@@ -946,9 +946,7 @@ class WindowRidge:
         if self.summary == "last":
             return series[ends]
         if self.summary == "mean":
-            csum = np.cumsum(series, axis=0, dtype=np.float64)
-            csum = np.concatenate([np.zeros((1, series.shape[1])), csum])
-            return ((csum[ends + 1] - csum[ends + 1 - length]) / length).astype(np.float32)
+            return causal_window_mean(series, length)[ends].astype(np.float32)
         view = sliding_window_view(series, length, axis=0)  # (T - L + 1, P, L), no copy
         return view[ends - length + 1].reshape(ends.size, -1)
 
@@ -1016,6 +1014,15 @@ class WindowRidge:
         if ends.size:
             pred[ends] = self.pipeline_.predict(self.window_features(run, ends))
         return pred
+
+
+def causal_window_mean(values: np.ndarray, length: int) -> np.ndarray:
+    """(T, K) float64 mean over frames ``t - length + 1 .. t`` (running sums in float64); NaN
+    for the first ``length - 1`` frames."""
+    csum = np.concatenate([np.zeros((1, values.shape[1])), np.cumsum(values, 0, np.float64)])
+    out = np.full(values.shape, np.nan)
+    out[length - 1 :] = (csum[length:] - csum[:-length]) / length
+    return out
 
 
 def group_nanmean(values: np.ndarray, group: np.ndarray) -> np.ndarray:

@@ -36,15 +36,12 @@ import numpy as np
 from scipy.linalg import eigh
 
 from painnet.data.types import RunData
-from painnet.models.classical import _check_runs, _check_window, _window_frames_of
-
-
-def _causal_window_mean(values: np.ndarray, length: int) -> np.ndarray:
-    """(T, K) mean over frames ``t - length + 1 .. t``; NaN for the first ``length - 1`` frames."""
-    csum = np.concatenate([np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)])
-    out = np.full(values.shape, np.nan)
-    out[length - 1 :] = (csum[length:] - csum[:-length]) / length
-    return out
+from painnet.models.classical import (
+    _check_runs,
+    _check_window,
+    _window_frames_of,
+    causal_window_mean,
+)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
@@ -150,7 +147,7 @@ class LowRankCofluct:
     def _windowed(self, run: RunData, power: np.ndarray) -> np.ndarray:
         """Window means of the powers; NaN where the window starts before the first kept frame
         (censored frames inside a window count as 0, the z-scored mean, as for WindowRidge)."""
-        out = _causal_window_mean(power, self.window_frames_)
+        out = causal_window_mean(power, self.window_frames_)
         out[: run.first_kept + self.window_frames_ - 1] = np.nan
         return out
 

@@ -82,7 +82,7 @@ class StackCombiner:
             raise ValueError(f"model.bin_size={bin_size!r}: choose one of {timed}")
         if run_level not in RUN_LEVEL_MODES:
             raise ValueError(f"model.run_level={run_level!r}: choose one of {RUN_LEVEL_MODES}")
-        anchors = [anchor] if isinstance(anchor, str) else list(anchor or ())
+        anchors = _as_list(anchor)
         if run_level in ("anchor", "residual") and not anchors:
             raise ValueError(
                 f"model.run_level={run_level} needs model.anchor (the member whose run level is kept)"
@@ -91,13 +91,27 @@ class StackCombiner:
             raise ValueError(f"model.run_level=residual takes one model.anchor, got {anchors}")
         self.bin_size = bin_size
         self.run_level = run_level
-        self.anchor = anchor if isinstance(anchor, str) or anchor is None else list(anchors)
-        self.anchors = anchors
+        self.anchor = anchor if isinstance(anchor, str) or anchor is None else anchors
         self.members_: list[str] = []
         self.features_: list[str] = []
         self.weights_: np.ndarray | None = None  # per feature, on the raw feature scale
         self.intercept_: float = 0.0
         self.report_: dict = {}
+
+    @property
+    def anchors(self) -> list[str]:
+        """The anchor members as a list (``anchor`` may name one or several)."""
+        return _as_list(self.anchor)
+
+    def check_members(self, members) -> None:
+        """The anchors the run level needs are among ``members`` (a stack job checks this
+        before fitting anything; :meth:`fit` checks its tables)."""
+        if self.run_level not in ("anchor", "residual"):
+            return
+        missing = [a for a in self.anchors if a not in members]
+        if missing:
+            shown = missing[0] if len(missing) == 1 else missing
+            raise ValueError(f"model.anchor={shown!r} is not a member ({list(members)})")
 
     # -- features ------------------------------------------------------------------------
     def features(
@@ -161,10 +175,7 @@ class StackCombiner:
         scale = Xb.std(axis=0)
         usable = scale > 1e-12 * max(1.0, float(np.abs(Xb).max()))
         if self.run_level in ("convex", "anchor", "residual"):
-            missing = [a for a in self.anchors if a not in tables]
-            if self.run_level != "convex" and missing:
-                shown = missing[0] if len(missing) == 1 else missing
-                raise ValueError(f"model.anchor={shown!r} is not a member ({list(tables)})")
+            self.check_members(list(tables))
             return self._fit_convex(list(tables), names, Xb, y, scale, usable)
         weights = np.zeros(Xb.shape[1])
         if usable.any():
@@ -272,6 +283,10 @@ class StackCombiner:
 
     def hyperparameters(self) -> dict:
         return dict(self.report_)
+
+
+def _as_list(anchor) -> list[str]:
+    return [anchor] if isinstance(anchor, str) else [str(a) for a in anchor or ()]
 
 
 def _member_bins(Xb: np.ndarray, names: list[str], member: str, run_level: str) -> np.ndarray:
