@@ -53,6 +53,8 @@ ROWS: dict[str, tuple[str, ...]] = {
     "convattn": ("model=convattn",),
     "stack": ("model=stack",),
     "hybrid": ("model=hybrid",),
+    # ConvAttn pretrained by masked reconstruction on every run a fold may read, then fine-tuned
+    "convattn_ft": ("experiment=pretrain",),
 }
 MODELS = tuple(ROWS)
 # Rows read off the stack jobs (benchmarks/stack_rows.py): each member alone ("<m>@stack") and
@@ -114,7 +116,20 @@ def run_loop(variant: str, model: str, out: Path, n_boot: int, extra: list[str])
         raise RuntimeError(f"{variant}/{model} failed (exit {proc.returncode}); see {log}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     n_jobs = len(list((out / variant).glob("*/*/metrics.json"))) - done_before
-    return {"wall_s": wall, "cpu_s": cpu, "jobs": n_jobs}
+    return {"wall_s": wall, "cpu_s": cpu, "jobs": n_jobs, "where": where_it_ran(extra)}
+
+
+def where_it_ran(extra: list[str]) -> str:
+    """The machine a loop ran on, for its timing row: the GPU (when ``trainer=gpu``/``ddp`` is
+    among the overrides) and the CPU cores every loop's classical parts use."""
+    cores = f"{os.cpu_count()} CPU cores"
+    on_gpu = {"trainer=gpu", "trainer=ddp", "trainer.accelerator=gpu", "trainer.accelerator=cuda"}
+    if not on_gpu.intersection(extra):
+        return cores
+    import torch  # only here: the report needs no torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU found"
+    return f"{gpu}, {cores}"
 
 
 def load_timings(out: Path) -> dict:
@@ -219,15 +234,21 @@ NOTES = """## Notes
   small ConvAttn from scratch; `ridge@stack`: the within-run ridge; `edge_pcr@stack` equals the
   edge_pcr row exactly, so it is not shown); `stack_edge_convattn` is the issue's baseline
   (edge_pcr + ConvAttn, edge_pcr's run level).
-- ConvAttn pretrained by masked reconstruction then fine-tuned (`experiment=pretrain`) was not
-  run on every variant (its demo loop alone took 37 min for one participant on the loaded
-  machine); its one measurement is in the README (issue 9's closing note).
-- Timings: one model's whole within-subject loop (both participants, every fold) on this
-  machine's 2 CPU cores, with the variant's data already simulated and cached; `loop CPU` sums
-  the loop's processes (the stack fits its members in 2 processes). The `cofluct` and `stack`
-  loops of the third run ran on the idle machine; the ridge and edge_pcr loops are the first
-  run's, while other jobs shared the cores (load average 3-6: upper bounds). `jobs` 0 = the
-  loop resumed already finished jobs (no time measured).
+- `convattn` = `model=convattn` as configured (conv 16-32, E 64, 2 layers, 10 epochs, early
+  stopping on `val/r_1min`), trained from scratch per fold. `convattn_ft-all` = `experiment=pretrain`
+  (row `convattn_ft`): per fold, ConvAttn's backbone pretrained by masked-frame reconstruction
+  (15 epochs) on every run the fold may read -- the other participant's sessions and the
+  participant's own training sessions, never its validation or test session -- then every
+  weight fine-tuned on the fold. Not every variant has these rows: see the status.
+- Timings: one model's whole within-subject loop (both participants, every fold), with the
+  variant's data already simulated and cached; `loop CPU` sums the loop's processes (the stack
+  fits its members in 2 processes); `where`: the machine (a loop on this 2-core development
+  machine, or the GPU named). The `cofluct` and `stack` loops of the third run ran on the idle
+  machine; the ridge and edge_pcr loops are the first run's, while other jobs shared the cores
+  (load average 3-6: upper bounds). The GPU loops (demo `convattn` and `convattn_ft`) shared
+  the one H200 and the machine's 16 cores with each other and with a stack loop (its 48 s per
+  fold there equalled this machine's; stopped after 7 of 16 folds when the lease ended, so it
+  has no row). `jobs` 0 = the loop resumed already finished jobs (no time measured).
 """
 
 
@@ -264,10 +285,15 @@ def render(out: Path, command: str) -> str:
                 f"{_fmt(row.get('auc_2min'))} | {_fmt(row.get('within_run_r_1min'))} | "
                 f"{_fmt(row.get('r_run'))} | {_fmt(row.get('r_session'))} | {delta} | {p} |"
             )
-        lines += ["", "| model | loop wall (s) | loop CPU (s) | jobs |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| model | loop wall (s) | loop CPU (s) | jobs | where |",
+            "|---|---|---|---|---|",
+        ]
         for model, t in sorted(timings.get(variant, {}).items()):
             lines.append(
-                f"| {model} | {_fmt(t['wall_s'], 0)} | {_fmt(t['cpu_s'], 0)} | {t['jobs']} |"
+                f"| {model} | {_fmt(t['wall_s'], 0)} | {_fmt(t['cpu_s'], 0)} | {t['jobs']} | "
+                f"{t.get('where', '–')} |"
             )
         lines.append("")
     lines.append(NOTES)

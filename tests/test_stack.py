@@ -262,6 +262,17 @@ def test_parallel_member_fits_and_several_devices_are_refused(make_cfg):
     cfg = make_cfg("data=tiny", "model=stack", "trainer=ddp", "trainer.devices=2", *FAST)
     with pytest.raises(ValueError, match="model.n_jobs=2 with trainer.devices=2"):
         make_decoder(cfg, "stack").validate()
+    every_core = make_cfg("data=tiny", "model=stack", "model.n_jobs=-1", "trainer=ddp", *FAST)
+    with pytest.raises(ValueError, match="model.n_jobs=-1 with trainer.devices=2"):
+        make_decoder(every_core, "stack").validate()
+
+
+def test_member_fits_take_one_process_per_core_with_n_jobs_minus_one_and_refuse_zero(make_cfg):
+    from painnet.experiments.decoder import make_decoder
+
+    make_decoder(make_cfg("data=tiny", "model=stack", "model.n_jobs=-1", *FAST), "s").validate()
+    with pytest.raises(ValueError, match=r"model.n_jobs=0: must be >= 1, or -1"):
+        make_decoder(make_cfg("data=tiny", "model=stack", "model.n_jobs=0", *FAST), "s").validate()
 
 
 @pytest.mark.slow  # two CLI loops (~1 min)

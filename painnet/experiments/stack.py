@@ -77,10 +77,10 @@ class StackDecoder(Decoder):
     def validate(self) -> None:
         if self.inner_folds < 2:
             raise ValueError(f"model.inner_folds={self.inner_folds}: must be >= 2")
-        if self.n_jobs < 1:
-            raise ValueError(f"model.n_jobs={self.n_jobs}: must be >= 1")
+        if self.n_jobs < 1 and self.n_jobs != -1:
+            raise ValueError(f"model.n_jobs={self.n_jobs}: must be >= 1, or -1 (every core)")
         devices = (self.cfg.get("trainer") or {}).get("devices", 1)
-        if self.n_jobs > 1 and str(devices) not in ("1", "None"):
+        if self.n_jobs != 1 and str(devices) not in ("1", "None"):
             # Lightning's multi-device strategies re-launch the command in child processes;
             # member fits in a process pool would each start their own group.
             raise ValueError(
@@ -204,8 +204,9 @@ def member_config(cfg: DictConfig, member: str, job=None) -> DictConfig:
 def run_member_fits(member_cfgs: dict, tasks: list, n_jobs: int, name: str, loggers=()) -> list:
     """Fit and predict every (member, data view, folder, is_final) task; their tables in order.
 
-    With ``n_jobs`` > 1 the tasks run in separate processes; loggers (W&B) then see no member
-    training curves, only the stack's own results.
+    With ``n_jobs`` > 1 the tasks run in separate processes (-1: one per core this process may
+    use, as joblib counts them: CPU affinity and cgroup limits, so a SLURM allocation's cores);
+    loggers (W&B) then see no member training curves, only the stack's own results.
     """
     if n_jobs == 1:
         return [
