@@ -207,6 +207,26 @@ chosen by the inner folds) on the saved jobs of all six; equal weights had the b
 carries pain (var_both_slow 01) and loses where it does not (var_activation), edge_pcr's the
 reverse; the mean keeps most of both.
 
+**Fourth run (2026-11-29, late): the single networks beside the stack.** The rows `convattn`
+(the full `model=convattn`, from scratch) and `convattn_ft-all` (row `convattn_ft`:
+`experiment=pretrain`, masked-frame pretraining on every run the fold may read, then
+fine-tuning) were added; the stack, edge_pcr, ridge and cofluct rows are the third run's,
+unchanged. The demo rows of both ran on a lent GPU (`... --variants demo --models convattn
+trainer=gpu`, and `--models convattn_ft trainer=gpu 'study.subjects=[01]'` and `[02]`, one
+process each), on data simulated there and identical to this machine's (same ratings; cofluct's
+loop there gave predictions equal to 1e-11), and their job folders were aggregated with this
+machine's jobs (`python -m painnet.experiments.aggregate`), so every difference is paired on
+identical frames. The other rows ran on this machine's CPU (`... --variants <v> --models
+convattn` / `convattn_ft`); `convattn_ft` was not run on var_cofluct, var_both_long and var_both
+(about 30 min of CPU each; the session ended). Both networks fail the bar: ConvAttn from scratch
+has pooled r(1 min) -0.65 to 0.28 and is below the bar on all 12 cells; pretrained and
+fine-tuned, -0.20 to 0.28 on the 6 cells it has, above the bar only on var_activation 01 (0.17
+against ridge's 0.12; the stack 0.20). Their run-level r is negative on 16 of their 18 cells:
+the leave-one-session-out artifact of a model that reads per-run z-scored activation.
+Pretraining raised the within-run r (demo 0.37 / 0.17 to 0.40 / 0.46, var_activation 0.27 /
+0.23 to 0.40 / 0.26, var_both_slow 0.20 / 0.07 to 0.35 / 0.37), not the run level. This is why the
+default deep decoder is the stack, whose co-fluctuation members carry the run level.
+
 """
 
 NOTES = """## Notes
