@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.runner import gpu_name
 from benchmarks.stack_rows import write_derived
 from painnet.atomic import write_text_atomic
 
@@ -126,10 +127,7 @@ def where_it_ran(extra: list[str]) -> str:
     on_gpu = {"trainer=gpu", "trainer=ddp", "trainer.accelerator=gpu", "trainer.accelerator=cuda"}
     if not on_gpu.intersection(extra):
         return cores
-    import torch  # only here: the report needs no torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU found"
-    return f"{gpu}, {cores}"
+    return f"{gpu_name() or 'no GPU found'}, {cores}"
 
 
 def load_timings(out: Path) -> dict:

@@ -111,7 +111,7 @@ def machine_info() -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_gb": _ram_gb(),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "gpu": _gpu_name(),
+        "gpu": gpu_name(),
         "thread_env": {var: os.environ.get(var) for var in THREAD_VARS},
         "versions": {},
     }
@@ -143,7 +143,8 @@ def _ram_gb() -> float | None:
     return None
 
 
-def _gpu_name() -> str | None:
+def gpu_name() -> str | None:
+    """The first GPU ``nvidia-smi`` names, or None (no driver, no GPU)."""
     if not shutil.which("nvidia-smi"):
         return None
     try:

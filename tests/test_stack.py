@@ -267,7 +267,7 @@ def test_parallel_member_fits_and_several_devices_are_refused(make_cfg):
         make_decoder(every_core, "stack").validate()
 
 
-def test_member_fits_take_one_process_per_core_with_n_jobs_minus_one_and_refuse_zero(make_cfg):
+def test_n_jobs_minus_one_every_core_is_accepted_and_zero_is_refused(make_cfg):
     from painnet.experiments.decoder import make_decoder
 
     make_decoder(make_cfg("data=tiny", "model=stack", "model.n_jobs=-1", *FAST), "s").validate()
