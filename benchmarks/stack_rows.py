@@ -44,7 +44,8 @@ def _member_anchors(full, members: list[str]) -> list[str]:
 
 def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFrame:
     """Pooled prediction tables of every member alone and of each variant of the stack:
-    ``subsets`` maps a row label to ``{"members": [...], "run_level": ..., "anchor": ...}``
+    ``subsets`` maps a row label to ``{"members": [...], "run_level": ..., "anchor": ...,
+    "within_scale": ...}``
     (any key may be left out: the job's own members / mode / those of its anchors that are
     among the members)."""
     parts = []
@@ -59,7 +60,13 @@ def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFra
             members = spec.get("members", full.members_)
             run_level = spec.get("run_level", full.run_level)
             anchor = spec.get("anchor") or _member_anchors(full, members)
-            combiner = type(full)(bin_size=full.bin_size, run_level=run_level, anchor=anchor)
+            within_scale = spec.get("within_scale", full.within_scale)
+            combiner = type(full)(
+                bin_size=full.bin_size,
+                run_level=run_level,
+                anchor=anchor,
+                within_scale=within_scale,
+            )
             combiner.fit({m: inner[inner.model == m].drop(columns="model") for m in members})
             combined = combiner.combine({m: tables[m] for m in members})
             parts.append(combined.assign(model=label))

@@ -4,6 +4,9 @@ Specifications:
 - each member enters as its run mean and its within-run deviation; weights are non-negative and
   fitted on binned out-of-sample predictions, so a member's run level that anti-correlates with
   pain (the leave-one-session-out artifact) gets weight 0 while its within-run shape is kept;
+- a member's within-run part is weighted on its session's scale (``within_scale=session``), so
+  the weights fitted on inner fits' predictions mean the same on an outer fit that predicts with
+  another amplitude, and a session's combined prediction does not depend on its table-mates;
 - when no feature generalises, the stack falls back to the best member instead of a constant;
 - members must have predicted the same frames;
 - the inner folds cover the outer training + validation sessions, and no data view of an inner
@@ -98,6 +101,42 @@ def test_anchor_keeps_the_anchor_run_level_and_weighs_every_within_run_shape():
     assert _pooled_r(fitted.combine(fresh)) > max(_pooled_r(t) for t in fresh.values()) + 0.1
 
 
+def _scaled(tables: dict[str, pd.DataFrame], member: str, factor: float):
+    table = tables[member]
+    return {**tables, member: table.assign(prediction=factor * table["prediction"])}
+
+
+def test_session_scale_makes_the_weights_blind_to_a_members_output_amplitude():
+    """The inner fits of a network and its outer fit predict on different scales; on the
+    session scale the outer fit's 3x larger within-run swings get the same share, not 3x."""
+    fresh = _tables(seed=1)
+    louder = _scaled(fresh, "deep", 3.0)
+    by_session = StackCombiner(run_level="anchor", anchor="edge").fit(_tables(seed=0))
+    np.testing.assert_allclose(
+        by_session.combine(louder)["prediction"], by_session.combine(fresh)["prediction"]
+    )
+    as_predicted = StackCombiner(run_level="anchor", anchor="edge", within_scale="none")
+    as_predicted.fit(_tables(seed=0))
+    shift = as_predicted.combine(louder)["prediction"] - as_predicted.combine(fresh)["prediction"]
+    assert np.abs(shift).max() > 0.5
+
+
+def test_a_sessions_combined_prediction_does_not_depend_on_its_table_mates():
+    fitted = StackCombiner(run_level="anchor", anchor="edge").fit(_tables(seed=0))
+    fresh = _tables(seed=1)
+    alone = fitted.combine({m: t[t["session"] == "02"] for m, t in fresh.items()})
+    together = fitted.combine(fresh)
+    together = together[together["session"] == "02"].reset_index(drop=True)
+    np.testing.assert_allclose(alone["prediction"], together["prediction"])
+
+
+def test_a_combiner_pickled_before_within_scale_combines_as_predicted():
+    fitted = StackCombiner(within_scale="none").fit(_tables(seed=0))
+    del fitted.__dict__["within_scale"]  # as unpickled from an older painnet
+    assert fitted.within_scale == "none"
+    assert np.isfinite(fitted.combine(_tables(seed=1))["prediction"]).all()
+
+
 def test_residual_keeps_the_whole_anchor_and_adds_what_it_leaves():
     """``residual``: the anchor's prediction with weight 1 on both parts; another member's
     within-run shape joins only by what it explains beyond the anchor."""
@@ -186,6 +225,8 @@ def test_bad_options_are_named():
         StackCombiner(run_level="nope")
     with pytest.raises(ValueError, match="model.bin_size"):
         StackCombiner(bin_size="session")
+    with pytest.raises(ValueError, match="model.within_scale='run'"):
+        StackCombiner(within_scale="run")
 
 
 def test_inner_groups_are_contiguous_and_cover_every_session():

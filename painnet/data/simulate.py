@@ -229,6 +229,38 @@ PRESETS: dict[str, dict] = {
         "coupling_gain": 2.0,
         "session_offset_logit": 0.8,
     },
+    # Held out, added with the stack's session-scaled within-run weights (before any loop ran on
+    # them; benchmarks/decoders.py runs them with a fresh seed): co-fluctuation only with few,
+    # slow frames, and both codes at weaker gains with many parcels and a short TR.
+    "var_cofluct_sparse": {
+        **_COMMON,
+        "n_sessions": 9,
+        "n_runs": 2,
+        "run_s": 270.0,
+        "tr": 1.5,
+        "rating_hz": 4.0,
+        "n_parcels": 40,
+        "voxels_per_parcel": 10,
+        "n_pain_parcels": 6,
+        "n_coupled_parcels": 6,
+        "activation_gain": 0.0,
+        "coupling_gain": 2.5,
+    },
+    "var_both_dense": {
+        **_COMMON,
+        "n_sessions": 10,
+        "n_runs": 2,
+        "run_s": 240.0,
+        "tr": 0.6,
+        "rating_hz": 3.0,
+        "n_parcels": 120,
+        "voxels_per_parcel": 6,
+        "n_pain_parcels": 12,
+        "n_coupled_parcels": 12,
+        "activation_gain": 1.5,
+        "coupling_gain": 1.5,
+        "session_offset_logit": 0.5,
+    },
 }
 # Tests: tiny with pain only in co-fluctuation (half the parcels coupled, 4-min runs: a
 # co-fluctuation amplitude is a slow, noisy read-out and needs pairs and frames to show).

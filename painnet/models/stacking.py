@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 
 from painnet.evaluation.bins import bin_predictions
-from painnet.evaluation.table import BIN_SIZES, FRAME_KEYS, RUN_KEYS
+from painnet.evaluation.table import BIN_SIZES, FRAME_KEYS, RUN_KEYS, SESSION_KEYS
 from painnet.models.classical import group_nanmean
 
 RUN_LEVEL_MODES = ("residual", "anchor", "convex", "split", "pooled")
+WITHIN_SCALES = ("session", "none")
 
 
 class StackCombiner:
@@ -56,6 +57,20 @@ class StackCombiner:
             combination, no intercept) and the within-run parts by free non-negative weights.
             ``split`` -- the same two features per member, all weights free and non-negative,
             plus an intercept. ``pooled`` -- one free weight per member, plus an intercept.
+        within_scale: ``session`` (``model=stack``'s default) -- each member's within-run part
+            is divided by its root-mean-square over the frames of its session before it is
+            weighted (no rating is read: a scale, like per-run z-scoring of the input;
+            ``residual``'s anchor stays as predicted). ``none`` -- the within-run parts as predicted.
+
+    Why ``within_scale=session``: the weights are fitted on the predictions of *inner* fits
+    (members trained on fewer sessions, with fewer epochs' worth of data) and applied to the
+    *outer* fit's. A network's output scale is not the same in the two (measured: the small
+    ConvAttn member's within-run weight reached 4.7 to 9 on var_cofluct 02, where its outer fit
+    predicts with a larger amplitude than its inner fits), so raw weights overshoot. On the
+    session scale, a weight says how much of a member's within-run *shape* to add, whatever the
+    fit's amplitude; a session is the unit one fit predicts, and a session's combined prediction
+    does not depend on which other sessions share its table. Measured on identical member
+    predictions, ``none`` vs ``session``: benchmarks/decoders.md (``stack_raw_scale``).
 
     Why no intercept (``anchor``, ``residual``, ``convex``): a fitted intercept is the training
     sessions' mean rating, and under leave-one-session-out that mean anti-correlates with the
@@ -70,12 +85,15 @@ class StackCombiner:
 
     #: The decoder adapter that fits the members (see painnet.experiments.decoder.adapter_class).
     decoder_adapter = "painnet.experiments.stack.StackDecoder"
+    #: Combiners pickled before ``within_scale`` existed were fitted on raw within-run parts.
+    within_scale = "none"
 
     def __init__(
         self,
         bin_size: str = "1min",
         run_level: str = "convex",
         anchor: str | Sequence[str] | None = None,
+        within_scale: str = "session",
     ):
         if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
             timed = [k for k, v in BIN_SIZES.items() if v is not None]
@@ -87,14 +105,18 @@ class StackCombiner:
             raise ValueError(
                 f"model.run_level={run_level} needs model.anchor (the member whose run level is kept)"
             )
+        if within_scale not in WITHIN_SCALES:
+            raise ValueError(f"model.within_scale={within_scale!r}: choose one of {WITHIN_SCALES}")
         if run_level == "residual" and len(anchors) > 1:
             raise ValueError(f"model.run_level=residual takes one model.anchor, got {anchors}")
         self.bin_size = bin_size
         self.run_level = run_level
         self.anchor = anchor if isinstance(anchor, str) or anchor is None else anchors
+        self.within_scale = within_scale
         self.members_: list[str] = []
         self.features_: list[str] = []
-        self.weights_: np.ndarray | None = None  # per feature, on the raw feature scale
+        # per feature: on the raw scale for run means, on the within_scale scale for within parts
+        self.weights_: np.ndarray | None = None
         self.intercept_: float = 0.0
         self.report_: dict = {}
 
@@ -138,12 +160,20 @@ class StackCombiner:
         stacked = np.column_stack(predictions)
         stacked[~np.isfinite(stacked).all(axis=1)] = np.nan
         run_id = base.groupby(RUN_KEYS, sort=False).ngroup().to_numpy()
+        session_id = base.groupby(SESSION_KEYS, sort=False).ngroup().to_numpy()
         feature_columns = []
         for j, name in enumerate(names):
             p = stacked[:, j]
             if self.run_level != "pooled":
                 mean = group_nanmean(p, run_id)
-                feature_columns += [mean, p - mean]
+                within = p - mean
+                # (residual: the anchor's whole prediction is kept as predicted, weight 1)
+                kept_whole = self.run_level == "residual" and name in self.anchors
+                if self.within_scale == "session" and not kept_whole:
+                    rms = np.sqrt(group_nanmean(within**2, session_id))
+                    # a member flat over a whole session keeps its zeros
+                    within = within / np.where(rms > 1e-12, rms, 1.0)
+                feature_columns += [mean, within]
                 columns += [f"{name}:run", f"{name}:within"]
             else:
                 feature_columns.append(p)
