@@ -216,6 +216,9 @@ folds' r passes var_cofluct_sparse 01 (0.32) but fails var_cofluct 02 (0.33); dr
 whose inner run-level r is <= 0 fails var_cofluct_sparse 01 (0.23); simplex weights fitted on
 the inner bins, full or shrunk halfway to equal, fail both. With 4 to 9 inner sessions the
 inner folds cannot yet tell which co-fluctuation reader carries a participant's session level.
+ConvAttn from scratch on the fresh variants: pooled r(1 min) -0.52 / -0.53 (var_cofluct_sparse)
+and -0.12 / -0.38 (var_both_dense), run-level r -0.41 to -0.69: the artifact again.
+`convattn_ft` was not run on them (about 30 CPU minutes each; no GPU was lent this session).
 
 **Third run (2026-11-29).** The default decoder is `model=stack` with a new
 member, the low-rank co-fluctuation decoder (`cofluct`, painnet/models/cofluct.py: the power of
