@@ -45,7 +45,7 @@ def _member_anchors(full, members: list[str]) -> list[str]:
 def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFrame:
     """Pooled prediction tables of every member alone and of each variant of the stack:
     ``subsets`` maps a row label to ``{"members": [...], "run_level": ..., "anchor": ...,
-    "within_scale": ...}``
+    "within_scale": ..., "anchor_weights": ...}``
     (any key may be left out: the job's own members / mode / those of its anchors that are
     among the members)."""
     parts = []
@@ -60,12 +60,12 @@ def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFra
             members = spec.get("members", full.members_)
             run_level = spec.get("run_level", full.run_level)
             anchor = spec.get("anchor") or _member_anchors(full, members)
-            within_scale = spec.get("within_scale", full.within_scale)
             combiner = type(full)(
                 bin_size=full.bin_size,
                 run_level=run_level,
                 anchor=anchor,
-                within_scale=within_scale,
+                within_scale=spec.get("within_scale", full.within_scale),
+                anchor_weights=spec.get("anchor_weights", full.anchor_weights),
             )
             combiner.fit({m: inner[inner.model == m].drop(columns="model") for m in members})
             combined = combiner.combine({m: tables[m] for m in members})
@@ -82,7 +82,8 @@ def write_derived(
 ) -> bool:
     """Score the derived rows of ``variant_dir``'s stack jobs into ``aggregate_derived/``:
     ``within_subject.csv`` (per participant × model) and ``comparison.csv`` (each derived
-    model vs ``reference``, paired on identical frames). False when no stack job exists."""
+    model vs ``reference``, paired on identical frames; none while the folder holds no loop of
+    ``reference``). False when no stack job exists."""
     jobs = stack_job_dirs(variant_dir)
     if not jobs:
         return False
@@ -91,12 +92,15 @@ def write_derived(
     runs = [r for r in collect_runs(variant_dir) if r.kind == "loso"]
     ref = pooled_predictions(runs)
     ref = ref[ref["model"] == reference]
+    out = variant_dir / DERIVED_DIR
+    out.mkdir(exist_ok=True)
+    write_csv_atomic(out / "within_subject.csv", within)
+    if ref.empty:  # no loop of the reference model in this folder (yet): nothing to pair with
+        (out / "comparison.csv").unlink(missing_ok=True)
+        return True
     comparisons = []
     for _, table in derived.groupby("model"):
         pair = pd.concat([table, ref], ignore_index=True)
         comparisons.append(compare_models(pair, bin_sizes=("1min",), n_boot=n_boot, seed=seed))
-    out = variant_dir / DERIVED_DIR
-    out.mkdir(exist_ok=True)
-    for name, table in (("within_subject", within), ("comparison", pd.concat(comparisons))):
-        write_csv_atomic(out / f"{name}.csv", table)
+    write_csv_atomic(out / "comparison.csv", pd.concat(comparisons))
     return True

@@ -9,8 +9,12 @@ Specifications:
   another amplitude, and a session's combined prediction does not depend on its table-mates;
 - when no feature generalises, the stack falls back to the best member instead of a constant;
 - members must have predicted the same frames;
+- with several anchors, their run levels are mixed by weights on the simplex fitted on the inner
+  bins (``anchor_weights=fitted``), so an anchor whose run level anti-correlates is dropped;
+  ``equal`` averages them, as combiners pickled before the option existed do;
 - the inner folds cover the outer training + validation sessions, and no data view of an inner
-  fit holds a run of the outer test session;
+  fit holds a run of the outer test session; the members in ``model.inner_loso`` are predicted
+  one held-out training session at a time, the others through ``model.inner_folds`` groups;
 - end to end (the CLI's code path): a stack job writes its members, its weights and its inner
   predictions, and its held-out prediction is exactly the weighted sum of its members';
 - real-time decoding refuses a stack with a message (its run means need the whole run).
@@ -19,6 +23,7 @@ Specifications:
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -167,10 +172,36 @@ def test_residual_is_no_worse_than_the_anchor_when_the_other_member_is_noise():
 
 
 def test_several_anchors_average_their_run_levels_with_equal_weights():
-    fitted = StackCombiner(run_level="anchor", anchor=["edge", "deep"]).fit(_tables(seed=0))
-    w = fitted.report_["weights"]
+    fitted = StackCombiner(run_level="anchor", anchor=["edge", "deep"], anchor_weights="equal")
+    w = fitted.fit(_tables(seed=0)).report_["weights"]
     assert (w["edge:run"], w["deep:run"], fitted.intercept_) == (0.5, 0.5, 0.0)
     assert w["deep:within"] > 0.5
+
+
+def test_fitted_anchor_weights_drop_an_anchor_whose_run_level_anti_correlates():
+    # "deep"'s run level is -0.8 x the session offset: a mean of the two anchors takes half of it
+    tables, fresh = _tables(seed=0), _tables(seed=1)
+    fitted = StackCombiner(run_level="anchor", anchor=["edge", "deep"]).fit(tables)
+    w = fitted.report_["weights"]
+    assert w["edge:run"] > 0.9 and w["deep:run"] < 0.1
+    assert w["edge:run"] + w["deep:run"] == pytest.approx(1.0)
+    assert fitted.intercept_ == 0.0 and w["deep:within"] > 0.5  # its shape is still read
+    equal = StackCombiner(run_level="anchor", anchor=["edge", "deep"], anchor_weights="equal")
+    r = {
+        name: _pooled_r(bin_predictions(c.combine(fresh), "1min"))
+        for name, c in {"fitted": fitted, "equal": equal.fit(tables)}.items()
+    }
+    assert r["fitted"] > r["equal"] + 0.1
+
+
+def test_a_combiner_pickled_before_anchor_weights_averages_its_anchors():
+    fitted = StackCombiner(run_level="anchor", anchor=["edge", "deep"], anchor_weights="equal")
+    fitted.fit(_tables(seed=0))
+    old = pickle.loads(pickle.dumps(fitted))
+    del old.__dict__["anchor_weights"]  # as unpickled from a version without the option
+    assert old.anchor_weights == "equal"
+    fresh = _tables(seed=1)
+    pd.testing.assert_frame_equal(old.combine(fresh), fitted.combine(fresh))
 
 
 def test_a_stack_job_names_an_anchor_that_is_no_member_before_fitting(make_cfg):
@@ -228,6 +259,8 @@ def test_bad_options_are_named():
         StackCombiner(bin_size="session")
     with pytest.raises(ValueError, match="model.within_scale='run'"):
         StackCombiner(within_scale="run")
+    with pytest.raises(ValueError, match="model.anchor_weights='best'"):
+        StackCombiner(anchor_weights="best")
 
 
 def test_inner_groups_are_contiguous_and_cover_every_session():
@@ -274,9 +307,14 @@ def test_a_stack_job_predicts_the_weighted_sum_of_its_members(make_cfg, tmp_path
     report = json.loads((out / "stack.json").read_text())
     assert report["members"] == ["edge_pcr", "ridge", "cofluct", "convattn"]
     assert all(w >= 0 for w in report["weights"].values())
-    assert len(report["inner_folds"]) == 2
+    training = ["02", "03", "04", "05"]  # fold 0 holds out session 01
+    assert len(report["inner_folds"]["groups"]) == 2  # model.inner_folds, for convattn
+    loso = report["inner_folds"]["loso"]  # model.inner_loso: edge_pcr, ridge, cofluct
+    assert [[key[-1] for key in group] for group in loso] == [[s] for s in training]
     inner = pd.read_csv(out / "stack_inner_predictions.csv", dtype={"session": str})
-    assert not set(inner["session"]) & {"01"}  # fold 0 holds out session 01
+    assert sorted(set(inner["session"])) == training
+    fits_per_member = inner.groupby("model")["split"].nunique().to_dict()
+    assert fits_per_member == {"convattn": 2, "edge_pcr": 4, "ridge": 4, "cofluct": 4}
     assert (out / "members" / "convattn" / "checkpoints" / "best.ckpt").is_file()
     assert not (out / "stack_inner").exists()  # inner-fold models are not kept
 
@@ -339,6 +377,10 @@ def test_the_cli_loop_and_the_benchmark_rows_of_a_stack(tmp_path):
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
+        if model == "stack":  # no edge_pcr loop yet: the rows are scored, nothing is paired
+            assert write_derived(run_dir, {}, n_boot=100)
+            assert (run_dir / "aggregate_derived" / "within_subject.csv").is_file()
+            assert not (run_dir / "aggregate_derived" / "comparison.csv").exists()
     within = pd.read_csv(run_dir / "aggregate" / "within_subject.csv", dtype={"model": str})
     assert set(within["model"]) == {"stack", "edge_pcr"}
     subsets = {"stack_edge_convattn": {"members": ["edge_pcr", "convattn"]}}
@@ -354,3 +396,11 @@ def test_the_cli_loop_and_the_benchmark_rows_of_a_stack(tmp_path):
     edge = within.set_index("model").loc["edge_pcr", "r_1min"]
     member = derived.set_index("model").loc["edge_pcr@stack", "r_1min"]
     assert member == pytest.approx(edge, abs=1e-9)
+
+
+def test_inner_loso_naming_no_member_is_refused_before_fitting(make_cfg):
+    from painnet.experiments.decoder import make_decoder
+
+    cfg = make_cfg("data=tiny", "model=stack", "model.inner_loso=[edge_pcr,lasso]", *FAST)
+    with pytest.raises(ValueError, match=r"model.inner_loso names \['lasso'\], which are not"):
+        make_decoder(cfg, "s").validate()

@@ -261,6 +261,39 @@ PRESETS: dict[str, dict] = {
         "coupling_gain": 1.5,
         "session_offset_logit": 0.5,
     },
+    # Held out, added with the stack's fitted anchor weights and leave-one-session-out inner
+    # predictions (before any loop ran on them; seeds 13 and 21): both codes at a coarse TR with a
+    # slow slider, and co-fluctuation only over many parcels.
+    "var_both_coarse": {
+        **_COMMON,
+        "n_sessions": 7,
+        "n_runs": 3,
+        "run_s": 480.0,
+        "tr": 2.5,
+        "rating_hz": 0.5,
+        "n_parcels": 64,
+        "voxels_per_parcel": 10,
+        "n_pain_parcels": 7,
+        "n_coupled_parcels": 7,
+        "activation_gain": 1.5,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 0.6,
+    },
+    "var_cofluct_wide": {
+        **_COMMON,
+        "n_sessions": 10,
+        "n_runs": 2,
+        "run_s": 300.0,
+        "tr": 1.0,
+        "rating_hz": 20.0,
+        "n_parcels": 100,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 8,
+        "n_coupled_parcels": 8,
+        "activation_gain": 0.0,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 0.7,
+    },
 }
 # Tests: tiny with pain only in co-fluctuation (half the parcels coupled, 4-min runs: a
 # co-fluctuation amplitude is a slow, noisy read-out and needs pairs and frames to show).

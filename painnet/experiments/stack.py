@@ -3,14 +3,23 @@ predictions they made for sessions they never saw.
 
 Fitting one outer split (its training + validation sessions S, test session T):
 
-1. Inner cross-validation over S: S is cut into ``model.inner_folds`` contiguous groups of
-   sessions; for each group every member is fitted on the other sessions of S (deep members
-   hold ``split.n_val`` of them out for early stopping, as on an outer split) and predicts the
-   group. T is not in any of these data views: it is removed from the runs they hold.
+1. Inner cross-validation over S: for the members named in ``model.inner_loso`` one session of
+   S is held out at a time (as the outer loop holds out T); for the others S is cut into
+   ``model.inner_folds`` contiguous groups of sessions. Each member is fitted on the other
+   sessions of S (deep members hold ``split.n_val`` of them out for early stopping, as on an
+   outer split) and predicts the held-out ones. T is not in any of these data views: it is
+   removed from the runs they hold.
 2. The combiner (:class:`painnet.models.stacking.StackCombiner`) fits its non-negative weights
    on these out-of-sample predictions, binned as scored.
 3. Every member is refitted on the outer split exactly as it would be alone (``members/<name>``)
    and the combined prediction of T is the weighted sum of the members' predictions.
+
+Why leave-one-session-out for the classical members: the combiner weighs the members' run
+levels on their inner predictions, and a run level's leave-one-session-out artifact depends on
+how many sessions a fit saw. Inner predictions made one held-out session at a time behave as
+the outer predictions do; on three contiguous folds each fit misses a third of S. Classical
+fits take a second or less, so S of them cost little; a network member keeps
+``inner_folds`` (its fits are what a stack's time is spent on).
 
 All member fits of one outer split are independent, so they run in ``model.n_jobs`` processes
 (one torch thread each). Inner-fold models are deleted once they have predicted; their
@@ -38,7 +47,7 @@ from painnet.experiments.decoder import Decoder, make_decoder, model_kwargs
 log = logging.getLogger(__name__)
 
 # Keys of model=stack that configure the stacking, not the combiner's constructor.
-STACK_KEYS = ("members", "member_jobs", "inner_folds", "n_jobs")
+STACK_KEYS = ("members", "member_jobs", "inner_folds", "inner_loso", "n_jobs")
 COMBINER_PICKLE = "stack.pkl"
 REPORT = "stack.json"
 INNER_PREDICTIONS = "stack_inner_predictions.csv"
@@ -56,6 +65,7 @@ class StackDecoder(Decoder):
         if not members:
             raise ValueError("model.members is empty: a stack needs at least one member model")
         self.inner_folds = int(stack.get("inner_folds", 3))
+        self.inner_loso = [str(m) for m in (stack.get("inner_loso") or [])]
         self.n_jobs = int(stack.get("n_jobs", 1))
         jobs = stack.get("member_jobs") or {}
         unknown = sorted(set(map(str, jobs)) - set(map(str, members)))
@@ -70,13 +80,19 @@ class StackDecoder(Decoder):
             for key in STACK_KEYS:
                 kwargs.pop(key, None)
         self.combiner = instantiate(kwargs)
-        self.inner_groups_: list[list] = []
+        self.inner_groups_: dict[str, list[list]] = {}
         self._predictions: tuple[str, dict[str, pd.DataFrame]] | None = None
 
     # -- protocol ------------------------------------------------------------------------
     def validate(self) -> None:
         if self.inner_folds < 2:
             raise ValueError(f"model.inner_folds={self.inner_folds}: must be >= 2")
+        unknown = [m for m in self.inner_loso if m not in self.members]
+        if unknown:
+            raise ValueError(
+                f"model.inner_loso names {unknown}, which are not in model.members "
+                f"({list(self.members)})"
+            )
         if self.n_jobs < 1 and self.n_jobs != -1:
             raise ValueError(f"model.n_jobs={self.n_jobs}: must be >= 1, or -1 (every core)")
         devices = (self.cfg.get("trainer") or {}).get("devices", 1)
@@ -98,15 +114,25 @@ class StackDecoder(Decoder):
     def fit(self, dm, output_dir: Path, loggers=()) -> StackDecoder:
         self.validate()
         output_dir = Path(output_dir)
-        n_val = len(dm.split.val)
-        views = inner_views(dm, self.inner_folds, max(n_val, 1), int(self.cfg.seed))
-        self.inner_groups_ = [list(v.split.test) for v in views]
+        n_val, seed = max(len(dm.split.val), 1), int(self.cfg.seed)
+        grouped = [m for m in self.members if m not in self.inner_loso]
+        schemes = {}  # inner-fold scheme -> (its data views, the members predicted through them)
+        if grouped:
+            schemes["groups"] = (inner_views(dm, self.inner_folds, n_val, seed), grouped)
+        if self.inner_loso:
+            n_sessions = len(dm.split.train) + len(dm.split.val)
+            views = inner_views(dm, n_sessions, n_val, seed, label="loso")
+            schemes["loso"] = (views, self.inner_loso)
+        self.inner_groups_ = {
+            scheme: [list(v.split.test) for v in views] for scheme, (views, _) in schemes.items()
+        }
         inner_dir = output_dir / "stack_inner"
         tasks = [(m, dm, self.member_dir(output_dir, m), True) for m in self.members]
         tasks += [
-            (m, view, inner_dir / str(k) / m, False)
+            (m, view, inner_dir / scheme / str(k) / m, False)
+            for scheme, (views, members) in schemes.items()
             for k, view in enumerate(views)
-            for m in self.members
+            for m in members
         ]
         tables = run_member_fits(self.member_cfgs, tasks, self.n_jobs, self.name, loggers)
         final = {m: tables[i] for i, m in enumerate(self.members)}
@@ -143,7 +169,10 @@ class StackDecoder(Decoder):
         write_bytes_atomic(output_dir / COMBINER_PICKLE, pickle.dumps(self.combiner), mkdir=True)
         report = {
             "members": list(self.members),
-            "inner_folds": [[list(key) for key in group] for group in self.inner_groups_],
+            "inner_folds": {
+                scheme: [[list(key) for key in group] for group in groups]
+                for scheme, groups in self.inner_groups_.items()
+            },
             **self.combiner.report_,
         }
         write_bytes_atomic(output_dir / REPORT, json.dumps(report, indent=1).encode(), mkdir=True)
@@ -253,11 +282,12 @@ def inner_groups(sessions: list, n_folds: int) -> list[list]:
     return [list(sessions[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def inner_views(dm, n_folds: int, n_val: int, seed: int) -> list:
+def inner_views(dm, n_folds: int, n_val: int, seed: int, label: str = "inner") -> list:
     """One data view per inner fold of the outer split's training + validation sessions.
 
     Each view holds only those sessions' runs (the outer test session is not in it) with a
-    split of its own: test = the group, val = ``n_val`` of the others, train = the rest.
+    split of its own, named ``<outer split>_<label>-<k>``: test = the group, val = ``n_val``
+    of the others, train = the rest.
     """
     outer = dm.split
     sessions = sorted(outer.train + outer.val)
@@ -279,7 +309,7 @@ def inner_views(dm, n_folds: int, n_val: int, seed: int) -> list:
         val = [rest[i] for i in sorted(rng.choice(len(rest), size=n_val, replace=False))]
         train = [s for s in rest if s not in val]
         split = Split(
-            name=f"{outer.name}_inner-{k}",
+            name=f"{outer.name}_{label}-{k}",
             train=tuple(train),
             val=tuple(val),
             test=tuple(group),

@@ -32,6 +32,7 @@ from painnet.models.classical import group_nanmean
 
 RUN_LEVEL_MODES = ("residual", "anchor", "convex", "split", "pooled")
 WITHIN_SCALES = ("session", "none")
+ANCHOR_WEIGHTS = ("fitted", "equal")
 
 
 class StackCombiner:
@@ -43,10 +44,8 @@ class StackCombiner:
             ``anchor`` (``model=stack``'s default) -- the run level of member ``anchor`` as is
             (weight 1, no intercept); the within-run parts of every member get free
             non-negative weights. ``anchor`` may list several members (those that read
-            session-level pain): the run level is then their run levels' mean, with equal
-            fixed weights (two estimates of one quantity with partly independent errors;
-            weights fitted, or one anchor chosen, on a few inner sessions did worse on the
-            worst simulator variant: benchmarks/decoders.md, status).
+            session-level pain): the run level is then a convex mix of their run levels,
+            weighted as ``anchor_weights`` says.
             ``residual`` -- member ``anchor``'s whole prediction as is (run level and
             within-run shape, weight 1, no intercept), plus the other members' within-run
             parts with free non-negative weights fitted on what the anchor leaves: the stack
@@ -57,6 +56,15 @@ class StackCombiner:
             combination, no intercept) and the within-run parts by free non-negative weights.
             ``split`` -- the same two features per member, all weights free and non-negative,
             plus an intercept. ``pooled`` -- one free weight per member, plus an intercept.
+        anchor_weights: with several anchors, ``fitted`` (``model=stack``'s default) -- the
+            anchors' run levels get weights on the simplex (summing to 1, no intercept),
+            fitted together with the within-run weights on the inner bins; ``equal`` -- their
+            mean. Why ``fitted``: two readers of session-level pain can disagree in sign on a
+            participant (var_cofluct_sparse 01 in benchmarks/decoders.md: the co-fluctuation
+            decoder's run level anti-correlates with pain there, edge_pcr's does not), and a
+            fixed mean then takes half of the wrong one. Fitted weights need inner
+            predictions made as the outer ones are, one session held out at a time
+            (``model.inner_loso``); on three contiguous inner folds they were too noisy.
         within_scale: ``session`` (``model=stack``'s default) -- each member's within-run part
             is divided by its root-mean-square over the frames of its session before it is
             weighted (no rating is read: a scale, like per-run z-scoring of the input;
@@ -87,6 +95,8 @@ class StackCombiner:
     decoder_adapter = "painnet.experiments.stack.StackDecoder"
     #: Combiners pickled before ``within_scale`` existed were fitted on raw within-run parts.
     within_scale = "none"
+    #: ... and before ``anchor_weights`` existed, several anchors were averaged.
+    anchor_weights = "equal"
 
     def __init__(
         self,
@@ -94,6 +104,7 @@ class StackCombiner:
         run_level: str = "convex",
         anchor: str | Sequence[str] | None = None,
         within_scale: str = "session",
+        anchor_weights: str = "fitted",
     ):
         if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
             timed = [k for k, v in BIN_SIZES.items() if v is not None]
@@ -107,12 +118,17 @@ class StackCombiner:
             )
         if within_scale not in WITHIN_SCALES:
             raise ValueError(f"model.within_scale={within_scale!r}: choose one of {WITHIN_SCALES}")
+        if anchor_weights not in ANCHOR_WEIGHTS:
+            raise ValueError(
+                f"model.anchor_weights={anchor_weights!r}: choose one of {ANCHOR_WEIGHTS}"
+            )
         if run_level == "residual" and len(anchors) > 1:
             raise ValueError(f"model.run_level=residual takes one model.anchor, got {anchors}")
         self.bin_size = bin_size
         self.run_level = run_level
         self.anchor = anchor if isinstance(anchor, str) or anchor is None else anchors
         self.within_scale = within_scale
+        self.anchor_weights = anchor_weights
         self.members_: list[str] = []
         self.features_: list[str] = []
         # per feature: on the raw scale for run means, on the within_scale scale for within parts
@@ -245,9 +261,9 @@ class StackCombiner:
         """No intercept; least squares on the inner bins (SLSQP; a handful of weights).
 
         ``mixed`` columns get weights on the simplex (``convex``: every member's run mean;
-        ``anchor``: the anchors' mean run level as one column, so weight 1; ``residual``: the
-        anchor's run mean and within-run part, both weight 1), every other usable within-run
-        part a free non-negative weight."""
+        ``anchor``: the anchors' run means, or with ``anchor_weights=equal`` their mean as one
+        column, so weight 1; ``residual``: the anchor's run mean and within-run part, both
+        weight 1), every other usable within-run part a free non-negative weight."""
         from scipy.optimize import minimize
 
         is_run = np.array([n.endswith(":run") for n in names])
@@ -260,10 +276,13 @@ class StackCombiner:
             mixed = of_anchor
         within = ~is_run & ~mixed & usable
         # residual: the anchor's two parts are one column (weight 1 on its whole prediction);
-        # anchor: the anchors' run levels averaged with equal, fixed weights (one column)
+        # anchor + equal: the anchors' run levels averaged with fixed weights (one column)
+        one_column = self.run_level == "residual" or (
+            self.run_level == "anchor" and self.anchor_weights == "equal"
+        )
         if self.run_level == "residual":
             R = Xb[:, mixed].sum(axis=1, keepdims=True)
-        elif self.run_level == "anchor":
+        elif one_column:
             R = Xb[:, mixed].mean(axis=1, keepdims=True)
         else:
             R = Xb[:, mixed]
@@ -286,7 +305,7 @@ class StackCombiner:
         theta = np.clip(solution.x, 0.0, None)
         theta[:k] /= theta[:k].sum()
         weights = np.zeros(len(names))
-        if self.run_level == "convex":
+        if not one_column:  # convex, or anchors with fitted weights: one weight per column
             weights[mixed] = theta[:k]
         else:  # one column: the anchor's whole prediction, or the anchors' mean run level
             weights[mixed] = theta[0] / (1 if self.run_level == "residual" else mixed.sum())
