@@ -45,7 +45,7 @@ def _member_anchors(full, members: list[str]) -> list[str]:
 def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFrame:
     """Pooled prediction tables of every member alone and of each variant of the stack:
     ``subsets`` maps a row label to ``{"members": [...], "run_level": ..., "anchor": ...,
-    "within_scale": ..., "anchor_weights": ...}``
+    "within_scale": ..., "anchor_weights": ..., "within_weights": ...}``
     (any key may be left out: the job's own members / mode / those of its anchors that are
     among the members)."""
     parts = []
@@ -66,6 +66,7 @@ def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFra
                 anchor=anchor,
                 within_scale=spec.get("within_scale", full.within_scale),
                 anchor_weights=spec.get("anchor_weights", full.anchor_weights),
+                within_weights=spec.get("within_weights", full.within_weights),
             )
             combiner.fit({m: inner[inner.model == m].drop(columns="model") for m in members})
             combined = combiner.combine({m: tables[m] for m in members})

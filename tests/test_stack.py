@@ -9,9 +9,13 @@ Specifications:
   another amplitude, and a session's combined prediction does not depend on its table-mates;
 - when no feature generalises, the stack falls back to the best member instead of a constant;
 - members must have predicted the same frames;
-- with several anchors, their run levels are mixed by weights on the simplex fitted on the inner
-  bins (``anchor_weights=fitted``), so an anchor whose run level anti-correlates is dropped;
-  ``equal`` averages them, as combiners pickled before the option existed do;
+- with several anchors, those whose run level correlates positively with the inner binned
+  ratings are averaged (``anchor_weights=screened``, ``model=stack``'s default) and the others
+  dropped; ``fitted`` mixes them by weights on the simplex fitted on the inner bins; ``equal``
+  averages all, as combiners pickled before the option existed do;
+- ``within_weights=correlation`` (the default) mixes the within-run parts in proportion to their
+  positive inner r with one fitted scale; ``fitted`` gives each a free weight, as combiners
+  pickled before the option existed do;
 - the inner folds cover the outer training + validation sessions, and no data view of an inner
   fit holds a run of the outer test session; the members in ``model.inner_loso`` are predicted
   one held-out training session at a time, the others through ``model.inner_folds`` groups;
@@ -194,12 +198,77 @@ def test_fitted_anchor_weights_drop_an_anchor_whose_run_level_anti_correlates():
     assert r["fitted"] > r["equal"] + 0.1
 
 
-def test_a_combiner_pickled_before_anchor_weights_averages_its_anchors():
-    fitted = StackCombiner(run_level="anchor", anchor=["edge", "deep"], anchor_weights="equal")
-    fitted.fit(_tables(seed=0))
+def _with_copy(tables: dict, name: str, of: str, seed: int, sd: float = 0.3) -> dict:
+    """``tables`` plus member ``name``: member ``of``'s prediction plus independent noise."""
+    table = tables[of]
+    noise = np.random.default_rng(seed).normal(0.0, sd, len(table))
+    return {**tables, name: table.assign(prediction=table["prediction"] + noise)}
+
+
+def test_screened_anchors_drop_one_whose_run_level_anti_correlates_and_average_the_rest():
+    # "deep"'s run level is -0.8 x the session offset; "edge2" reads the offset as "edge" does
+    tables = _with_copy(_tables(seed=0), "edge2", of="edge", seed=5)
+    fitted = StackCombiner(
+        run_level="anchor", anchor=["edge", "edge2", "deep"], anchor_weights="screened"
+    ).fit(tables)
+    report = fitted.report_
+    assert report["anchors_kept"] == ["edge", "edge2"]
+    assert report["anchor_run_r"]["deep"] < 0 < report["anchor_run_r"]["edge"]
+    w = report["weights"]
+    assert (w["edge:run"], w["edge2:run"], w["deep:run"]) == (0.5, 0.5, 0.0)
+    assert fitted.intercept_ == 0.0 and w["deep:within"] > 0  # its shape is still read
+
+
+def test_screened_anchors_keep_the_best_when_none_correlates_positively():
+    tables = _tables(seed=0)
+    flipped = {"deep": tables["deep"], "deep2": _with_copy(tables, "x", of="deep", seed=2)["x"]}
+    fitted = StackCombiner(
+        run_level="anchor", anchor=["deep", "deep2"], anchor_weights="screened"
+    ).fit(flipped)
+    r = fitted.report_["anchor_run_r"]
+    assert max(r.values()) < 0
+    assert fitted.report_["anchors_kept"] == [max(r, key=r.get)]
+
+
+def test_correlation_within_weights_are_shares_of_the_members_inner_r():
+    # "anti" sees the wave upside down: its within-run part anti-correlates with pain
+    tables = _with_copy(_tables(seed=0), "noisy_deep", of="deep", seed=7, sd=1.5)
+    anti = tables["deep"].assign(prediction=-tables["deep"]["prediction"])
+    tables = {**tables, "anti": anti}
+    fitted = StackCombiner(
+        run_level="anchor", anchor="edge", anchor_weights="screened", within_weights="correlation"
+    ).fit(tables)
+    w, r = fitted.report_["weights"], fitted.report_["within_r"]
+    assert r["anti:within"] < 0 and w["anti:within"] == 0.0
+    assert r["deep:within"] > r["noisy_deep:within"] > 0
+    # one fitted scale: the weights keep the ratio of the members' inner r
+    assert w["deep:within"] / w["noisy_deep:within"] == pytest.approx(
+        r["deep:within"] / r["noisy_deep:within"]
+    )
+    assert w["deep:within"] > w["noisy_deep:within"] > 0
+
+
+def test_correlation_within_weights_do_not_apply_to_freely_fitted_modes():
+    with pytest.raises(ValueError, match="within_weights=correlation does not apply"):
+        StackCombiner(run_level="split", within_weights="correlation")
+
+
+@pytest.mark.parametrize(
+    ("option", "old_value", "settings"),
+    [
+        # several anchors were averaged before anchor_weights existed
+        ("anchor_weights", "equal", {"run_level": "anchor", "anchor": ["edge", "deep"]}),
+        # every within-run part had a free weight before within_weights existed
+        ("within_weights", "fitted", {"run_level": "anchor", "anchor": "edge"}),
+    ],
+)
+def test_a_combiner_pickled_before_an_option_existed_combines_as_it_did(
+    option, old_value, settings
+):
+    fitted = StackCombiner(**settings, **{option: old_value}).fit(_tables(seed=0))
     old = pickle.loads(pickle.dumps(fitted))
-    del old.__dict__["anchor_weights"]  # as unpickled from a version without the option
-    assert old.anchor_weights == "equal"
+    del old.__dict__[option]  # as unpickled from a version without the option
+    assert getattr(old, option) == old_value
     fresh = _tables(seed=1)
     pd.testing.assert_frame_equal(old.combine(fresh), fitted.combine(fresh))
 
@@ -261,6 +330,8 @@ def test_bad_options_are_named():
         StackCombiner(within_scale="run")
     with pytest.raises(ValueError, match="model.anchor_weights='best'"):
         StackCombiner(anchor_weights="best")
+    with pytest.raises(ValueError, match="model.within_weights='free'"):
+        StackCombiner(within_weights="free")
 
 
 def test_inner_groups_are_contiguous_and_cover_every_session():

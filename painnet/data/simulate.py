@@ -294,6 +294,39 @@ PRESETS: dict[str, dict] = {
         "coupling_gain": 2.0,
         "session_offset_logit": 0.7,
     },
+    # Held out, added with the stack's screened anchors and correlation-weighted within-run
+    # parts (before any loop ran on them; seeds 29 and 37): both codes in many short runs, and
+    # co-fluctuation only in long runs with a slow slider.
+    "var_both_brief": {
+        **_COMMON,
+        "n_sessions": 8,
+        "n_runs": 4,
+        "run_s": 240.0,
+        "tr": 1.8,
+        "rating_hz": 1.5,
+        "n_parcels": 56,
+        "voxels_per_parcel": 10,
+        "n_pain_parcels": 7,
+        "n_coupled_parcels": 7,
+        "activation_gain": 1.5,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 0.9,
+    },
+    "var_cofluct_slow": {
+        **_COMMON,
+        "n_sessions": 8,
+        "n_runs": 2,
+        "run_s": 540.0,
+        "tr": 2.0,
+        "rating_hz": 0.8,
+        "n_parcels": 72,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 8,
+        "n_coupled_parcels": 8,
+        "activation_gain": 0.0,
+        "coupling_gain": 2.0,
+        "session_offset_logit": 0.5,
+    },
 }
 # Tests: tiny with pain only in co-fluctuation (half the parcels coupled, 4-min runs: a
 # co-fluctuation amplitude is a slow, noisy read-out and needs pairs and frames to show).

@@ -32,7 +32,8 @@ from painnet.models.classical import group_nanmean
 
 RUN_LEVEL_MODES = ("residual", "anchor", "convex", "split", "pooled")
 WITHIN_SCALES = ("session", "none")
-ANCHOR_WEIGHTS = ("fitted", "equal")
+ANCHOR_WEIGHTS = ("screened", "fitted", "equal")
+WITHIN_WEIGHTS = ("correlation", "fitted")
 
 
 class StackCombiner:
@@ -56,15 +57,22 @@ class StackCombiner:
             combination, no intercept) and the within-run parts by free non-negative weights.
             ``split`` -- the same two features per member, all weights free and non-negative,
             plus an intercept. ``pooled`` -- one free weight per member, plus an intercept.
-        anchor_weights: with several anchors, ``fitted`` (``model=stack``'s default) -- the
-            anchors' run levels get weights on the simplex (summing to 1, no intercept),
-            fitted together with the within-run weights on the inner bins; ``equal`` -- their
-            mean. Why ``fitted``: two readers of session-level pain can disagree in sign on a
-            participant (var_cofluct_sparse 01 in benchmarks/decoders.md: the co-fluctuation
-            decoder's run level anti-correlates with pain there, edge_pcr's does not), and a
-            fixed mean then takes half of the wrong one. Fitted weights need inner
-            predictions made as the outer ones are, one session held out at a time
-            (``model.inner_loso``); on three contiguous inner folds they were too noisy.
+        anchor_weights: with several anchors, ``screened`` (``model=stack``'s default) -- the
+            mean of the anchors whose run level correlates positively with the inner binned
+            ratings (if none does, the one that correlates best); ``fitted`` -- weights on the
+            simplex (summing to 1, no intercept), fitted with the within-run weights on the
+            inner bins; ``equal`` -- the mean of all anchors. Why not ``equal``: two readers of
+            session-level pain can disagree in sign on a participant (var_cofluct_sparse 01 in
+            benchmarks/decoders.md: the co-fluctuation decoder's run level anti-correlates with
+            pain there, edge_pcr's does not), and a mean then takes half of the wrong one. Why
+            not ``fitted``: see *anti-selection* below. Both need inner predictions made as the
+            outer ones are, one session held out at a time (``model.inner_loso``).
+        within_weights: ``correlation`` (``model=stack``'s default) -- each member's within-run
+            part weighted in proportion to its correlation with the inner binned ratings (zero
+            where that is not positive), their sum then scaled by one non-negative factor
+            fitted with the run level (least squares, no intercept); ``fitted`` -- a free
+            non-negative weight per member, all fitted together by least squares. Not with
+            ``run_level`` ``split`` or ``pooled`` (they fit every weight freely).
         within_scale: ``session`` (``model=stack``'s default) -- each member's within-run part
             is divided by its root-mean-square over the frames of its session before it is
             weighted (no rating is read: a scale, like per-run z-scoring of the input;
@@ -79,6 +87,17 @@ class StackCombiner:
     fit's amplitude; a session is the unit one fit predicts, and a session's combined prediction
     does not depend on which other sessions share its table. Measured on identical member
     predictions, ``none`` vs ``session``: benchmarks/decoders.md (``stack_raw_scale``).
+
+    Why few fitted weights (*anti-selection*): the weights are fitted on the training sessions
+    and applied to the held-out one. Where two members are about equally good, which one looks
+    better on the other sessions is noise, and under leave-one-session-out that noise selects
+    *against* the held-out session: a member that happens to do well on session k looks
+    relatively worse on the sessions left when k is held out (the same arithmetic as the
+    run-level artifact above). Measured on var_cofluct 02 (benchmarks/decoders.md): freely fitted
+    within-run weights of edge_pcr and cofluct gave within-run r 0.52 although each member alone
+    had 0.56 and 0.57 and their plain sum 0.59; the fitted anchor weights jumped between 0 and 1
+    from fold to fold there. ``screened`` and ``correlation`` fit one scale and make only sign
+    decisions, which a few inner sessions can support.
 
     Why no intercept (``anchor``, ``residual``, ``convex``): a fitted intercept is the training
     sessions' mean rating, and under leave-one-session-out that mean anti-correlates with the
@@ -97,6 +116,8 @@ class StackCombiner:
     within_scale = "none"
     #: ... and before ``anchor_weights`` existed, several anchors were averaged.
     anchor_weights = "equal"
+    #: ... and before ``within_weights`` existed, every within-run part had a free weight.
+    within_weights = "fitted"
 
     def __init__(
         self,
@@ -105,6 +126,7 @@ class StackCombiner:
         anchor: str | Sequence[str] | None = None,
         within_scale: str = "session",
         anchor_weights: str = "fitted",
+        within_weights: str = "fitted",
     ):
         if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
             timed = [k for k, v in BIN_SIZES.items() if v is not None]
@@ -122,6 +144,16 @@ class StackCombiner:
             raise ValueError(
                 f"model.anchor_weights={anchor_weights!r}: choose one of {ANCHOR_WEIGHTS}"
             )
+        if within_weights not in WITHIN_WEIGHTS:
+            raise ValueError(
+                f"model.within_weights={within_weights!r}: choose one of {WITHIN_WEIGHTS}"
+            )
+        if within_weights == "correlation" and run_level in ("split", "pooled"):
+            raise ValueError(
+                f"model.within_weights=correlation does not apply to model.run_level={run_level} "
+                "(it fits every weight freely): use within_weights=fitted, or run_level "
+                "anchor, residual or convex"
+            )
         if run_level == "residual" and len(anchors) > 1:
             raise ValueError(f"model.run_level=residual takes one model.anchor, got {anchors}")
         self.bin_size = bin_size
@@ -129,6 +161,7 @@ class StackCombiner:
         self.anchor = anchor if isinstance(anchor, str) or anchor is None else anchors
         self.within_scale = within_scale
         self.anchor_weights = anchor_weights
+        self.within_weights = within_weights
         self.members_: list[str] = []
         self.features_: list[str] = []
         # per feature: on the raw scale for run means, on the within_scale scale for within parts
@@ -261,9 +294,11 @@ class StackCombiner:
         """No intercept; least squares on the inner bins (SLSQP; a handful of weights).
 
         ``mixed`` columns get weights on the simplex (``convex``: every member's run mean;
-        ``anchor``: the anchors' run means, or with ``anchor_weights=equal`` their mean as one
-        column, so weight 1; ``residual``: the anchor's run mean and within-run part, both
-        weight 1), every other usable within-run part a free non-negative weight."""
+        ``anchor``: the anchors' run means, or with ``anchor_weights`` ``equal`` / ``screened``
+        the mean of all / of the kept anchors as one column, so weight 1; ``residual``: the
+        anchor's run mean and within-run part, both weight 1); every other usable within-run
+        part a free non-negative weight (``within_weights=fitted``) or a fixed share of one
+        column whose scale is fitted (``correlation``)."""
         from scipy.optimize import minimize
 
         is_run = np.array([n.endswith(":run") for n in names])
@@ -275,10 +310,18 @@ class StackCombiner:
         else:  # residual
             mixed = of_anchor
         within = ~is_run & ~mixed & usable
+        extra: dict = {}
+        if self.run_level == "anchor" and self.anchor_weights == "screened":
+            run_r = {a: _r(Xb[:, names.index(f"{a}:run")], y) for a in self.anchors}
+            kept = [a for a in self.anchors if run_r[a] > 0] or [
+                max(run_r, key=lambda a: -np.inf if np.isnan(run_r[a]) else run_r[a])
+            ]
+            mixed = is_run & np.array([n.split(":")[0] in kept for n in names])
+            extra.update(anchor_run_r=run_r, anchors_kept=kept)
         # residual: the anchor's two parts are one column (weight 1 on its whole prediction);
-        # anchor + equal: the anchors' run levels averaged with fixed weights (one column)
+        # anchor + equal / screened: the (kept) anchors' run levels averaged (one column)
         one_column = self.run_level == "residual" or (
-            self.run_level == "anchor" and self.anchor_weights == "equal"
+            self.run_level == "anchor" and self.anchor_weights in ("equal", "screened")
         )
         if self.run_level == "residual":
             R = Xb[:, mixed].sum(axis=1, keepdims=True)
@@ -286,7 +329,17 @@ class StackCombiner:
             R = Xb[:, mixed].mean(axis=1, keepdims=True)
         else:
             R = Xb[:, mixed]
-        W = Xb[:, within] / scale[within]
+        if self.within_weights == "correlation":
+            # one column: the within-run parts mixed in proportion to their positive inner r
+            within_r = np.array([_r(Xb[:, j], y) for j in np.flatnonzero(within)])
+            share = np.where(np.isfinite(within_r) & (within_r > 0), within_r, 0.0)
+            extra["within_r"] = {
+                names[j]: float(r) for j, r in zip(np.flatnonzero(within), within_r, strict=True)
+            }
+            share = share / share.sum() if share.sum() > 0 else share
+            W = (Xb[:, within] @ share)[:, None] if share.any() else np.zeros((len(y), 0))
+        else:
+            W = Xb[:, within] / scale[within]
         k, q = R.shape[1], W.shape[1]
 
         def loss(theta):
@@ -309,7 +362,10 @@ class StackCombiner:
             weights[mixed] = theta[:k]
         else:  # one column: the anchor's whole prediction, or the anchors' mean run level
             weights[mixed] = theta[0] / (1 if self.run_level == "residual" else mixed.sum())
-        weights[within] = theta[k:] / scale[within]
+        if self.within_weights == "correlation":
+            weights[within] = theta[k] * share if q else 0.0
+        else:
+            weights[within] = theta[k:] / scale[within]
         return self._fitted(
             members,
             names,
@@ -319,6 +375,7 @@ class StackCombiner:
             y,
             fallback_member=None,
             converged=bool(solution.success),
+            **extra,
         )
 
     def combine(self, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
