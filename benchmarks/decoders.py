@@ -255,6 +255,11 @@ var_both_long +0.13 / +0.14, p = 0.003 / 0.003; var_both_dense 02 +0.27, p = 0.0
 var_both_coarse 01 +0.18, p = 0.021; var_both_brief +0.56 / +0.46, p = 0.005 / < 0.001), not on
 var_both (+0.20 / +0.12, p = 0.28 / 0.31). ConvAttn from scratch on the fresh variants: -0.32 /
 -0.20 (var_both_brief) and -0.32 / -0.28 (var_cofluct_slow), run-level r -0.23 to -0.64.
+Pretrained and fine-tuned (`--variants var_both --models convattn_ft` and the same on
+var_both_brief, one core each beside the other work): -0.40 / -0.45 on var_both and -0.17 /
+-0.07 on var_both_brief, run-level r -0.09 to -0.75; still not run on var_both_long,
+var_both_dense, var_both_coarse, var_cofluct_wide and var_cofluct_slow (24 to 55 CPU minutes
+each on this machine; no GPU was lent this session).
 
 **Sixth run (2026-11-30): the stack fits its two run-level readers' weights, on
 inner predictions made one session at a time; two more fresh variants.** Two changes
