@@ -139,14 +139,6 @@ def test_a_sessions_combined_prediction_does_not_depend_on_its_table_mates():
     np.testing.assert_allclose(alone["prediction"], together["prediction"])
 
 
-def test_a_combiner_pickled_before_within_scale_combines_as_predicted():
-    fitted = StackCombiner(within_scale="none").fit(_tables(seed=0))
-    as_predicted = fitted.combine(_tables(seed=1))["prediction"]
-    del fitted.__dict__["within_scale"]  # as unpickled from an older painnet
-    assert fitted.within_scale == "none"
-    np.testing.assert_array_equal(fitted.combine(_tables(seed=1))["prediction"], as_predicted)
-
-
 def test_residual_keeps_the_whole_anchor_and_adds_what_it_leaves():
     """``residual``: the anchor's prediction with weight 1 on both parts; another member's
     within-run shape joins only by what it explains beyond the anchor."""
@@ -256,6 +248,8 @@ def test_correlation_within_weights_do_not_apply_to_freely_fitted_modes():
 @pytest.mark.parametrize(
     ("option", "old_value", "settings"),
     [
+        # within-run parts were weighted as predicted before within_scale existed
+        ("within_scale", "none", {}),
         # several anchors were averaged before anchor_weights existed
         ("anchor_weights", "equal", {"run_level": "anchor", "anchor": ["edge", "deep"]}),
         # every within-run part had a free weight before within_weights existed

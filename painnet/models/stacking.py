@@ -43,8 +43,8 @@ class StackCombiner:
         bin_size: bins the weights are fitted on (a key of ``BIN_SIZES``; the study's ``1min``).
         run_level: how the stack's run level is made.
             ``anchor`` (``model=stack``'s default) -- the run level of member ``anchor`` as is
-            (weight 1, no intercept); the within-run parts of every member get free
-            non-negative weights. ``anchor`` may list several members (those that read
+            (weight 1, no intercept); the within-run parts of every member are weighted as
+            ``within_weights`` says. ``anchor`` may list several members (those that read
             session-level pain): the run level is then a convex mix of their run levels,
             weighted as ``anchor_weights`` says.
             ``residual`` -- member ``anchor``'s whole prediction as is (run level and
@@ -266,9 +266,7 @@ class StackCombiner:
         if not np.any(weights > 0):
             # Nothing generalised positively: fall back to the member with the best
             # out-of-sample r rather than predicting a constant.
-            fallback = max(
-                member_r, key=lambda m: -np.inf if np.isnan(member_r[m]) else member_r[m]
-            )
+            fallback = _best(member_r)
             weights = np.array([1.0 if n.split(":")[0] == fallback else 0.0 for n in names])
         intercept = float(np.mean(y) - np.mean(Xb @ weights))
         return self._fitted(
@@ -313,9 +311,7 @@ class StackCombiner:
         extra: dict = {}
         if self.run_level == "anchor" and self.anchor_weights == "screened":
             run_r = {a: _r(Xb[:, names.index(f"{a}:run")], y) for a in self.anchors}
-            kept = [a for a in self.anchors if run_r[a] > 0] or [
-                max(run_r, key=lambda a: -np.inf if np.isnan(run_r[a]) else run_r[a])
-            ]
+            kept = [a for a in self.anchors if run_r[a] > 0] or [_best(run_r)]
             mixed = is_run & np.array([n.split(":")[0] in kept for n in names])
             extra.update(anchor_run_r=run_r, anchors_kept=kept)
         # residual: the anchor's two parts are one column (weight 1 on its whole prediction);
@@ -399,6 +395,11 @@ def _member_bins(Xb: np.ndarray, names: list[str], member: str, run_level: str) 
     """A member's own binned prediction (its run + within parts summed back)."""
     cols = [j for j, n in enumerate(names) if n.split(":")[0] == member]
     return Xb[:, cols].sum(axis=1) if run_level != "pooled" else Xb[:, cols[0]]
+
+
+def _best(r: Mapping[str, float]) -> str:
+    """The key with the highest r (a NaN r ranks last)."""
+    return max(r, key=lambda k: -np.inf if np.isnan(r[k]) else r[k])
 
 
 def _r(x: np.ndarray, y: np.ndarray) -> float:
