@@ -67,6 +67,8 @@ def derived_tables(job_dirs: list[Path], subsets: dict[str, dict]) -> pd.DataFra
                 within_scale=spec.get("within_scale", full.within_scale),
                 anchor_weights=spec.get("anchor_weights", full.anchor_weights),
                 within_weights=spec.get("within_weights", full.within_weights),
+                run_level_origin=spec.get("run_level_origin", full.run_level_origin),
+                anchor_fallback=spec.get("anchor_fallback", full.anchor_fallback),
             )
             combiner.fit({m: inner[inner.model == m].drop(columns="model") for m in members})
             combined = combiner.combine({m: tables[m] for m in members})

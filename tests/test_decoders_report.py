@@ -1,4 +1,6 @@
-"""benchmarks/decoders.py's report: every loop time says where it ran."""
+"""benchmarks/decoders.py's report and the results it is rendered from
+(benchmarks/decoder_results.py): every loop time says where it ran, a run updates only its own
+rows, and rows of runs on different frames are never mixed."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import json
 import os
 
 import pandas as pd
+import pytest
 
+from benchmarks import decoder_results as results
 from benchmarks import decoders
 
 
@@ -24,23 +28,146 @@ def test_a_gpu_loop_names_the_gpu_or_says_none_was_found(monkeypatch):
         assert decoders.where_it_ran([override]).startswith("NVIDIA H200, ")
 
 
-def test_the_timing_table_shows_where_each_loop_ran_and_a_dash_when_it_was_not_recorded(
+def _run_folder(tmp_path, variant, models, edge_r=0.4, timings=None):
+    """An ``--out`` folder as a loop leaves it: the variant's aggregate and timings.json."""
+    aggregate = tmp_path / variant / "aggregate"
+    aggregate.mkdir(parents=True)
+    r = {"edge_pcr": edge_r, "convattn": 0.1, "stack": 0.5, "convattn_ft-all": 0.2}
+    pd.DataFrame(
+        [
+            {"subject": s, "model": m, **{k: r[m] for k in results.METRICS}}
+            for s in ("01", "02")
+            for m in models
+        ]
+    ).to_csv(aggregate / "within_subject.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "subject": s,
+                "bin_size": "1min",
+                "metric": "r",
+                "model_a": "edge_pcr",
+                "model_b": m,
+                "diff": edge_r - r[m],
+                "p": 0.0001 if m == "stack" else 0.2,
+            }
+            for s in ("01", "02")
+            for m in models
+            if m != "edge_pcr"
+        ]
+    ).to_csv(aggregate / "comparison.csv", index=False)
+    (tmp_path / "timings.json").write_text(json.dumps({variant: timings or {}}))
+    return tmp_path
+
+
+def test_the_report_shows_each_row_with_its_difference_from_edge_pcr_and_where_loops_ran(
     tmp_path,
 ):
-    aggregate = tmp_path / "demo" / "aggregate"
-    aggregate.mkdir(parents=True)
-    pd.DataFrame(
-        {"subject": ["01", "01"], "model": ["edge_pcr", "convattn"], "r_1min": [0.4, 0.1]}
-    ).to_csv(aggregate / "within_subject.csv", index=False)
     timings = {
-        "demo": {
-            "edge_pcr": {"wall_s": 65.3, "cpu_s": 49.8, "jobs": 16},  # recorded before "where"
-            "convattn": {"wall_s": 197.0, "cpu_s": 195.0, "jobs": 16, "where": "NVIDIA H200"},
-        }
+        "edge_pcr": {"wall_s": 65.3, "cpu_s": 49.8, "jobs": 16},  # recorded before "where"
+        "convattn": {"wall_s": 197.0, "cpu_s": 195.0, "jobs": 16, "where": "NVIDIA H200"},
     }
-    (tmp_path / "timings.json").write_text(json.dumps(timings))
-    report = decoders.render(tmp_path, "python -m benchmarks.decoders --variants demo")
+    out = _run_folder(tmp_path / "out", "demo", ["edge_pcr", "convattn"], timings=timings)
+    metrics, timing_rows = results.update(
+        *decoders.collect(out, ["demo"]), "edge_pcr", tmp_path / "store"
+    )
+    report = decoders.render(metrics, timing_rows)
     assert "| model | loop wall (s) | loop CPU (s) | jobs | where |" in report
     assert "| convattn | 197 | 195 | 16 | NVIDIA H200 |" in report
     assert "| edge_pcr | 65 | 50 | 16 | – |" in report
-    assert "| 01 | convattn | 0.10 |" in report
+    # Δ = convattn − edge_pcr, read off the comparison whichever way round it was written
+    assert "| 01 | convattn | 0.10 | 0.10 | 0.10 | 0.10 | 0.10 | 0.10 | 0.10 | -0.30 | 0.200 |" in (
+        report
+    )
+    assert "| 01 | edge_pcr | 0.40 |" in report and "| – | – |" in report
+    assert "--variants demo --models edge_pcr convattn`" in report
+
+
+def test_a_p_below_the_bootstraps_resolution_reads_as_below_one_in_a_thousand(tmp_path):
+    out = _run_folder(tmp_path / "out", "demo", ["edge_pcr", "stack"])
+    metrics, timings = results.update(
+        *decoders.collect(out, ["demo"]), "edge_pcr", tmp_path / "store"
+    )
+    assert "| 0.10 | < 0.001 |" in decoders.render(metrics, timings)
+
+
+def test_a_later_run_replaces_only_its_own_rows_and_keeps_the_others(tmp_path):
+    store = tmp_path / "store"
+    first = _run_folder(tmp_path / "a", "demo", ["edge_pcr", "convattn"])
+    results.update(*decoders.collect(first, ["demo"]), "edge_pcr", store)
+    later = _run_folder(
+        tmp_path / "b",
+        "demo",
+        ["edge_pcr", "convattn_ft-all"],
+        timings={"convattn_ft": {"wall_s": 10.0, "cpu_s": 9.0, "jobs": 16, "where": "x"}},
+    )
+    metrics, timings = results.update(*decoders.collect(later, ["demo"]), "edge_pcr", store)
+    assert sorted(metrics["model"].unique()) == ["convattn", "convattn_ft-all", "edge_pcr"]
+    assert len(metrics) == 6  # 3 models x 2 participants, edge_pcr not duplicated
+    assert list(timings["model"]) == ["convattn_ft"]
+    # and the files on disk say the same
+    assert len(results.load_metrics(store)) == 6
+
+
+def test_rows_scored_on_other_frames_are_refused_and_nothing_is_written(tmp_path):
+    store = tmp_path / "store"
+    first = _run_folder(tmp_path / "a", "demo", ["edge_pcr", "convattn"])
+    results.update(*decoders.collect(first, ["demo"]), "edge_pcr", store)
+    before = (store / "metrics.csv").read_text()
+    other = _run_folder(tmp_path / "b", "demo", ["edge_pcr", "stack"], edge_r=0.3)
+    with pytest.raises(results.ResultsMismatch, match="variant demo, participant 01: edge_pcr"):
+        results.update(*decoders.collect(other, ["demo"]), "edge_pcr", store)
+    assert (store / "metrics.csv").read_text() == before
+
+
+def test_a_run_without_the_reference_cannot_join_a_stored_variant_but_can_start_a_new_one(
+    tmp_path,
+):
+    store = tmp_path / "store"
+    first = _run_folder(tmp_path / "a", "demo", ["edge_pcr", "convattn"])
+    results.update(*decoders.collect(first, ["demo"]), "edge_pcr", store)
+    alone = _run_folder(tmp_path / "b", "demo", ["stack"])
+    with pytest.raises(results.ResultsMismatch, match="run it with --models edge_pcr"):
+        results.update(*decoders.collect(alone, ["demo"]), "edge_pcr", store)
+    fresh = _run_folder(tmp_path / "c", "var_both", ["stack"])
+    metrics, _ = results.update(*decoders.collect(fresh, ["var_both"]), "edge_pcr", store)
+    assert set(metrics["variant"]) == {"demo", "var_both"}
+
+
+def test_the_committed_results_render_every_variant_of_the_report():
+    metrics, timings = results.load_metrics(), results.load_timings()
+    report = decoders.render(metrics, timings)
+    for variant in set(metrics["variant"]):
+        assert variant in decoders.VARIANTS
+        assert f"## {variant}\n" in report
+    for _, row in metrics.iterrows():
+        assert f"| {row['subject']} | {row['model']} | " in report
+
+
+def test_the_command_line_keeps_a_runs_rows_and_renders_the_report_from_them(tmp_path):
+    out = _run_folder(tmp_path / "out", "demo", ["edge_pcr", "convattn"])
+    store, report = tmp_path / "store", tmp_path / "decoders.md"
+    args = ["--report-only", "--variants", "demo", "--out", str(out)]
+    assert decoders.main([*args, "--results", str(store), "--markdown", str(report)]) == 0
+    assert len(results.load_metrics(store)) == 4
+    assert "| 02 | convattn | 0.10 |" in report.read_text()
+
+
+def test_rows_read_off_a_stack_job_replace_the_variants_older_derived_rows_as_a_set(tmp_path):
+    store = tmp_path / "store"
+    old = _run_folder(tmp_path / "a", "demo", ["edge_pcr", "stack"])
+    metrics, timings = decoders.collect(old, ["demo"])
+    retired = metrics[metrics["model"] == "stack"].assign(model="stack_retired_mode")
+    results.update(pd.concat([metrics, retired]), timings, "edge_pcr", store)
+    again = _run_folder(tmp_path / "b", "demo", ["edge_pcr", "stack"])
+    rerun = decoders.collect(again, ["demo"])[0]
+    derived = rerun[rerun["model"] == "stack"].assign(model="stack_centered")
+    kept, _ = results.update(
+        pd.concat([rerun, derived]),
+        timings,
+        "edge_pcr",
+        store,
+        superseded=lambda t: t["model"].map(decoders.is_derived),
+    )
+    assert "stack_retired_mode" not in set(kept["model"])  # no longer a derived row
+    assert {"stack", "stack_centered", "edge_pcr"} <= set(kept["model"])

@@ -222,6 +222,62 @@ def test_screened_anchors_keep_the_best_when_none_correlates_positively():
     assert fitted.report_["anchors_kept"] == [max(r, key=r.get)]
 
 
+def _run_means(table: pd.DataFrame) -> pd.Series:
+    return table.groupby(["session", "run"])["prediction"].mean()
+
+
+def test_inner_mean_origin_measures_the_run_level_from_its_inner_average():
+    """Every fold's run level gets the same origin: the anchors' run level minus its mean over
+    the inner bins (as predicted, it sits on the training sessions' mean rating, which under
+    leave-one-session-out anti-correlates with the held-out session's)."""
+    tables = _tables(seed=0)
+    kwargs = dict(run_level="anchor", anchor="edge", anchor_weights="screened")
+    as_predicted = StackCombiner(**kwargs, within_weights="correlation").fit(tables)
+    centred = StackCombiner(
+        **kwargs, within_weights="correlation", run_level_origin="inner_mean"
+    ).fit(tables)
+    Xb, _ = centred._binned(*centred.features(tables)[:2])
+    inner_mean = Xb[:, centred.features_.index("edge:run")].mean()
+    assert centred.report_["weights"]["edge:run"] == 1.0
+    assert centred.intercept_ == pytest.approx(-inner_mean)
+    fresh = _tables(seed=1)
+    shift = _run_means(as_predicted.combine(fresh)) - _run_means(centred.combine(fresh))
+    # the same run level, moved by one constant (within-run shapes differ only in scale)
+    assert np.allclose(shift, inner_mean, atol=0.05 * abs(inner_mean) + 1e-9)
+
+
+def test_with_no_anchor_positive_and_fallback_none_the_stack_has_no_run_level():
+    tables = _tables(seed=0)
+    flipped = {"deep": tables["deep"], "deep2": _with_copy(tables, "x", of="deep", seed=2)["x"]}
+    fitted = StackCombiner(
+        run_level="anchor",
+        anchor=["deep", "deep2"],
+        anchor_weights="screened",
+        within_weights="correlation",
+        run_level_origin="inner_mean",
+        anchor_fallback="none",
+    ).fit(flipped)
+    report = fitted.report_
+    assert max(report["anchor_run_r"].values()) < 0 and report["anchors_kept"] == []
+    assert report["weights"]["deep:run"] == report["weights"]["deep2:run"] == 0.0
+    assert fitted.intercept_ == 0.0 and report["weights"]["deep:within"] > 0
+    # every held-out run is predicted around the same origin: only within-run shapes remain
+    fresh = _tables(seed=1)
+    fresh = {"deep": fresh["deep"], "deep2": _with_copy(fresh, "x", of="deep", seed=3)["x"]}
+    assert np.allclose(_run_means(fitted.combine(fresh)), 0.0, atol=1e-9)
+
+
+def test_an_origin_or_fallback_that_does_not_fit_the_run_level_mode_is_named():
+    with pytest.raises(ValueError, match="model.run_level_origin='zero'"):
+        StackCombiner(run_level="anchor", anchor="edge", run_level_origin="zero")
+    with pytest.raises(ValueError, match="run_level_origin=inner_mean applies to"):
+        StackCombiner(run_level="convex", run_level_origin="inner_mean")
+    with pytest.raises(ValueError, match="model.anchor_fallback='first'"):
+        StackCombiner(run_level="anchor", anchor="edge", anchor_fallback="first")
+    with pytest.raises(ValueError, match="anchor_fallback=none needs"):
+        StackCombiner(run_level="anchor", anchor="edge", anchor_fallback="none")
+
+
 def test_correlation_within_weights_are_shares_of_the_members_inner_r():
     # "anti" sees the wave upside down: its within-run part anti-correlates with pain
     tables = _with_copy(_tables(seed=0), "noisy_deep", of="deep", seed=7, sd=1.5)
@@ -254,6 +310,10 @@ def test_correlation_within_weights_do_not_apply_to_freely_fitted_modes():
         ("anchor_weights", "equal", {"run_level": "anchor", "anchor": ["edge", "deep"]}),
         # every within-run part had a free weight before within_weights existed
         ("within_weights", "fitted", {"run_level": "anchor", "anchor": "edge"}),
+        # the run level was used as predicted before run_level_origin existed
+        ("run_level_origin", "predicted", {"run_level": "anchor", "anchor": "edge"}),
+        # and the best anchor was kept when none correlated positively
+        ("anchor_fallback", "best", {"run_level": "anchor", "anchor": ["edge", "deep"]}),
     ],
 )
 def test_a_combiner_pickled_before_an_option_existed_combines_as_it_did(

@@ -327,6 +327,72 @@ PRESETS: dict[str, dict] = {
         "coupling_gain": 2.0,
         "session_offset_logit": 0.5,
     },
+    # Held out, added after the seventh run's stack rule was fixed (before any loop ran on them;
+    # seeds 41 and 43): activation only in runs of the study's length, and both codes with the
+    # co-fluctuation code weaker than the activation code over many parcels.
+    "var_activation_long": {
+        **_COMMON,
+        "n_sessions": 6,
+        "n_runs": 2,
+        "run_s": 600.0,
+        "tr": 0.8,
+        "rating_hz": 10.0,
+        "n_parcels": 80,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 10,
+        "n_coupled_parcels": 10,
+        "activation_gain": 1.5,
+        "coupling_gain": 0.0,
+        "session_offset_logit": 0.6,
+    },
+    "var_both_weak": {
+        **_COMMON,
+        "n_sessions": 9,
+        "n_runs": 3,
+        "run_s": 300.0,
+        "tr": 1.4,
+        "rating_hz": 2.5,
+        "n_parcels": 110,
+        "voxels_per_parcel": 6,
+        "n_pain_parcels": 11,
+        "n_coupled_parcels": 11,
+        "activation_gain": 2.0,
+        "coupling_gain": 1.2,
+        "session_offset_logit": 0.8,
+    },
+    # Held out, added with the stack's common run-level origin (eighth run; before any loop ran
+    # on them; seeds 47 and 53): both codes with a weak activation code in short runs, and
+    # activation only at a slow TR.
+    "var_both_lowact": {
+        **_COMMON,
+        "n_sessions": 8,
+        "n_runs": 3,
+        "run_s": 200.0,
+        "tr": 0.9,
+        "rating_hz": 2.0,
+        "n_parcels": 84,
+        "voxels_per_parcel": 8,
+        "n_pain_parcels": 9,
+        "n_coupled_parcels": 9,
+        "activation_gain": 1.0,
+        "coupling_gain": 1.8,
+        "session_offset_logit": 0.7,
+    },
+    "var_activation_slow": {
+        **_COMMON,
+        "n_sessions": 7,
+        "n_runs": 2,
+        "run_s": 480.0,
+        "tr": 2.2,
+        "rating_hz": 1.0,
+        "n_parcels": 48,
+        "voxels_per_parcel": 10,
+        "n_pain_parcels": 6,
+        "n_coupled_parcels": 6,
+        "activation_gain": 2.0,
+        "coupling_gain": 0.0,
+        "session_offset_logit": 0.5,
+    },
 }
 # Tests: tiny with pain only in co-fluctuation (half the parcels coupled, 4-min runs: a
 # co-fluctuation amplitude is a slow, noisy read-out and needs pairs and frames to show).

@@ -34,6 +34,8 @@ RUN_LEVEL_MODES = ("residual", "anchor", "convex", "split", "pooled")
 WITHIN_SCALES = ("session", "none")
 ANCHOR_WEIGHTS = ("screened", "fitted", "equal")
 WITHIN_WEIGHTS = ("correlation", "fitted")
+RUN_LEVEL_ORIGINS = ("inner_mean", "predicted")
+ANCHOR_FALLBACKS = ("none", "best")
 
 
 class StackCombiner:
@@ -73,6 +75,23 @@ class StackCombiner:
             fitted with the run level (least squares, no intercept); ``fitted`` -- a free
             non-negative weight per member, all fitted together by least squares. Not with
             ``run_level`` ``split`` or ``pooled`` (they fit every weight freely).
+        run_level_origin: with ``run_level=anchor``: ``inner_mean`` -- the (mixed) anchors' run
+            level minus its mean over the inner bins, so every outer fold's prediction is
+            measured from the same origin (its training sessions' average); ``predicted`` --
+            the run level as the anchors predict it, in rating units. Why ``inner_mean``: an
+            anchor's held-out run level is its intercept, about the training sessions' mean
+            rating, plus what it reads; under leave-one-session-out that mean is
+            (S·grand mean − held-out mean)/(S − 1), which anti-correlates with the held-out
+            session. Its inner predictions are made the same way (one training session held out
+            at a time), so their mean is that intercept plus the anchor's average reading, and
+            subtracting it leaves the anchor's reading of how this session differs from the
+            training sessions. The stack then predicts pain relative to the participant's
+            training average (pooled r, AUC and within-run r do not see a constant; a pooled
+            table of several folds does, which is the point).
+        anchor_fallback: with ``anchor_weights=screened``, when no anchor's inner run level
+            correlates positively: ``best`` -- keep the one that correlates best; ``none`` --
+            no run level (the within-run shapes alone, around the common origin; needs
+            ``run_level_origin=inner_mean``).
         within_scale: ``session`` (``model=stack``'s default) -- each member's within-run part
             is divided by its root-mean-square over the frames of its session before it is
             weighted (no rating is read: a scale, like per-run z-scoring of the input;
@@ -101,7 +120,12 @@ class StackCombiner:
 
     Why no intercept (``anchor``, ``residual``, ``convex``): a fitted intercept is the training
     sessions' mean rating, and under leave-one-session-out that mean anti-correlates with the
-    held-out session's (the artifact above). Free weights that shrink the members' run levels let that intercept set
+    held-out session's (the artifact above). Every member's own run level carries the same mean
+    (its intercept); ``run_level_origin=inner_mean`` takes it out of the anchors' run level too.
+    The cost: the stack's predictions are then pain relative to the training average, not in
+    rating units, so R² and MAE, which compare absolute values, do not measure it (r and AUC
+    do); ``predicted`` keeps rating units. Measured: benchmarks/decoders.md (``stack_screened``
+    is the stack as predicted; ``stack_edge_pcr_alone`` is edge_pcr with the same origin). Free weights that shrink the members' run levels let that intercept set
     the held-out run level; a convex mix keeps the run level on the members' own scale, so the
     stack's run level is never more artifact-driven than its members'. Why ``anchor`` over
     ``convex``: on the tuning variants (demo, var_both) the run-level weights, fitted on a few
@@ -118,6 +142,9 @@ class StackCombiner:
     anchor_weights = "equal"
     #: ... and before ``within_weights`` existed, every within-run part had a free weight.
     within_weights = "fitted"
+    #: ... and before ``run_level_origin`` existed, the run level was used as predicted.
+    run_level_origin = "predicted"
+    anchor_fallback = "best"
 
     def __init__(
         self,
@@ -127,6 +154,8 @@ class StackCombiner:
         within_scale: str = "session",
         anchor_weights: str = "fitted",
         within_weights: str = "fitted",
+        run_level_origin: str = "predicted",
+        anchor_fallback: str = "best",
     ):
         if bin_size not in BIN_SIZES or BIN_SIZES[bin_size] is None:
             timed = [k for k, v in BIN_SIZES.items() if v is not None]
@@ -154,6 +183,24 @@ class StackCombiner:
                 "(it fits every weight freely): use within_weights=fitted, or run_level "
                 "anchor, residual or convex"
             )
+        if run_level_origin not in RUN_LEVEL_ORIGINS:
+            raise ValueError(
+                f"model.run_level_origin={run_level_origin!r}: choose one of {RUN_LEVEL_ORIGINS}"
+            )
+        if anchor_fallback not in ANCHOR_FALLBACKS:
+            raise ValueError(
+                f"model.anchor_fallback={anchor_fallback!r}: choose one of {ANCHOR_FALLBACKS}"
+            )
+        if run_level_origin == "inner_mean" and run_level != "anchor":
+            raise ValueError(
+                f"model.run_level_origin=inner_mean applies to model.run_level=anchor, not "
+                f"{run_level}: use run_level_origin=predicted"
+            )
+        if anchor_fallback == "none" and run_level_origin != "inner_mean":
+            raise ValueError(
+                "model.anchor_fallback=none needs model.run_level_origin=inner_mean (a fold "
+                "without a run level must share the other folds' origin)"
+            )
         if run_level == "residual" and len(anchors) > 1:
             raise ValueError(f"model.run_level=residual takes one model.anchor, got {anchors}")
         self.bin_size = bin_size
@@ -162,6 +209,8 @@ class StackCombiner:
         self.within_scale = within_scale
         self.anchor_weights = anchor_weights
         self.within_weights = within_weights
+        self.run_level_origin = run_level_origin
+        self.anchor_fallback = anchor_fallback
         self.members_: list[str] = []
         self.features_: list[str] = []
         # per feature: on the raw scale for run means, on the within_scale scale for within parts
@@ -297,8 +346,6 @@ class StackCombiner:
         anchor's run mean and within-run part, both weight 1); every other usable within-run
         part a free non-negative weight (``within_weights=fitted``) or a fixed share of one
         column whose scale is fitted (``correlation``)."""
-        from scipy.optimize import minimize
-
         is_run = np.array([n.endswith(":run") for n in names])
         of_anchor = np.array([n.split(":")[0] in self.anchors for n in names])
         if self.run_level == "convex":
@@ -311,7 +358,9 @@ class StackCombiner:
         extra: dict = {}
         if self.run_level == "anchor" and self.anchor_weights == "screened":
             run_r = {a: _r(Xb[:, names.index(f"{a}:run")], y) for a in self.anchors}
-            kept = [a for a in self.anchors if run_r[a] > 0] or [_best(run_r)]
+            kept = [a for a in self.anchors if run_r[a] > 0]
+            if not kept and self.anchor_fallback == "best":
+                kept = [_best(run_r)]
             mixed = is_run & np.array([n.split(":")[0] in kept for n in names])
             extra.update(anchor_run_r=run_r, anchors_kept=kept)
         # residual: the anchor's two parts are one column (weight 1 on its whole prediction);
@@ -321,10 +370,15 @@ class StackCombiner:
         )
         if self.run_level == "residual":
             R = Xb[:, mixed].sum(axis=1, keepdims=True)
-        elif one_column:
-            R = Xb[:, mixed].mean(axis=1, keepdims=True)
+        elif one_column:  # (no column when the screen kept no anchor: no run level)
+            R = Xb[:, mixed].mean(axis=1, keepdims=True) if mixed.any() else Xb[:, :0]
         else:
             R = Xb[:, mixed]
+        # inner_mean: the run level measured from its own mean over the inner bins (its
+        # training sessions' average), so every fold's prediction has the same origin
+        origin = R.mean(axis=0) if self.run_level_origin == "inner_mean" else np.zeros(R.shape[1])
+        target = y - y.mean() if self.run_level_origin == "inner_mean" else y
+        R = R - origin
         if self.within_weights == "correlation":
             # one column: the within-run parts mixed in proportion to their positive inner r
             within_r = np.array([_r(Xb[:, j], y) for j in np.flatnonzero(within)])
@@ -339,24 +393,25 @@ class StackCombiner:
         k, q = R.shape[1], W.shape[1]
 
         def loss(theta):
-            residual = y - R @ theta[:k] - W @ theta[k:]
+            residual = target - R @ theta[:k] - W @ theta[k:]
             return float(residual @ residual) / len(y)
 
-        start = np.concatenate([np.full(k, 1.0 / k), np.zeros(q)])
-        solution = minimize(
+        start = np.concatenate([np.full(k, 1.0 / max(k, 1)), np.zeros(q)])
+        solution = _minimize(
             loss,
             start,
             method="SLSQP",
             bounds=[(0.0, 1.0)] * k + [(0.0, None)] * q,
-            constraints=[{"type": "eq", "fun": lambda theta: theta[:k].sum() - 1.0}],
+            constraints=[{"type": "eq", "fun": lambda theta: theta[:k].sum() - 1.0}] if k else [],
             options={"maxiter": 500, "ftol": 1e-12},
         )
         theta = np.clip(solution.x, 0.0, None)
-        theta[:k] /= theta[:k].sum()
+        if k:
+            theta[:k] /= theta[:k].sum()
         weights = np.zeros(len(names))
         if not one_column:  # convex, or anchors with fitted weights: one weight per column
             weights[mixed] = theta[:k]
-        else:  # one column: the anchor's whole prediction, or the anchors' mean run level
+        elif mixed.any():  # one column: the anchor's whole prediction, or the anchors' mean
             weights[mixed] = theta[0] / (1 if self.run_level == "residual" else mixed.sum())
         if self.within_weights == "correlation":
             weights[within] = theta[k] * share if q else 0.0
@@ -366,7 +421,7 @@ class StackCombiner:
             members,
             names,
             weights,
-            0.0,
+            -float(theta[:k] @ origin),
             Xb,
             y,
             fallback_member=None,
@@ -385,6 +440,17 @@ class StackCombiner:
 
     def hyperparameters(self) -> dict:
         return dict(self.report_)
+
+
+def _minimize(loss, start, **options):
+    """scipy's minimize, or the empty solution when there is nothing to fit."""
+    from types import SimpleNamespace
+
+    from scipy.optimize import minimize
+
+    if len(start) == 0:
+        return SimpleNamespace(x=np.zeros(0), success=True)
+    return minimize(loss, start, **options)
 
 
 def _as_list(anchor) -> list[str]:
