@@ -227,12 +227,13 @@ def where_it_ran(extra: list[str]) -> str:
     return f"{gpu_name() or 'no GPU found'}, {cores}"
 
 
-def load_timings(out: Path) -> dict:
+def load_run_timings(out: Path) -> dict:
+    """A run folder's loop times (``<out>/timings.json``; the kept ones: decoder_results)."""
     path = out / "timings.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_timings(out: Path, timings: dict) -> None:
+def save_run_timings(out: Path, timings: dict) -> None:
     write_text_atomic(out / "timings.json", json.dumps(timings, indent=1))
 
 
@@ -628,7 +629,7 @@ def collect(out: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]
     """The rows a run under ``out`` brings for ``variants``: metrics from each variant's
     aggregate (and the stack's derived rows), timings from ``out/timings.json``."""
     metrics, timings = [], []
-    recorded = load_timings(out)
+    recorded = load_run_timings(out)
     for variant in variants:
         table, comparison = variant_table(out, variant)
         if table is None:
@@ -665,10 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for variant in args.variants:
             for model in args.models:
-                timings = load_timings(args.out)
+                timings = load_run_timings(args.out)
                 result = run_loop(variant, model, args.out, args.n_boot, args.overrides)
                 timings.setdefault(variant, {})[model] = result
-                save_timings(args.out, timings)
+                save_run_timings(args.out, timings)
                 print(f"{variant} {model}: {result}", flush=True)
     for variant in args.variants:
         if (args.out / variant).is_dir():

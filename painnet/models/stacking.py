@@ -120,14 +120,15 @@ class StackCombiner:
 
     Why no intercept (``anchor``, ``residual``, ``convex``): a fitted intercept is the training
     sessions' mean rating, and under leave-one-session-out that mean anti-correlates with the
-    held-out session's (the artifact above). Every member's own run level carries the same mean
-    (its intercept); ``run_level_origin=inner_mean`` takes it out of the anchors' run level too.
-    The cost: the stack's predictions are then pain relative to the training average, not in
-    rating units, so R² and MAE, which compare absolute values, do not measure it (r and AUC
-    do); ``predicted`` keeps rating units. Measured: benchmarks/decoders.md (``stack_screened``
-    is the stack as predicted; ``stack_edge_pcr_alone`` is edge_pcr with the same origin). Free weights that shrink the members' run levels let that intercept set
-    the held-out run level; a convex mix keeps the run level on the members' own scale, so the
-    stack's run level is never more artifact-driven than its members'. Why ``anchor`` over
+    held-out session's (the artifact above). Free weights that shrink the members' run levels
+    let that intercept set the held-out run level; a convex mix keeps the run level on the
+    members' own scale, so the stack's run level is never more artifact-driven than its
+    members'. Every member's own run level carries the same mean (its intercept);
+    ``run_level_origin=inner_mean`` takes it out of the anchors' run level too. The cost: the
+    stack's predictions are then pain relative to the training average, not in rating units, so
+    R² and MAE, which compare absolute values, do not measure it (r and AUC do); ``predicted``
+    keeps rating units. Measured: benchmarks/decoders.md (``stack_screened`` is the stack as
+    predicted; ``stack_edge_pcr_alone`` is edge_pcr with the same origin). Why ``anchor`` over
     ``convex``: on the tuning variants (demo, var_both) the run-level weights, fitted on a few
     inner sessions, jumped between members from fold to fold and often took a member's
     anti-correlated run level; the anchors keep the run levels known to carry session-level
