@@ -123,7 +123,9 @@ def check_same_frames(stored: pd.DataFrame, new: pd.DataFrame, reference: str) -
                 continue
             for metric in METRICS:
                 a, b = float(old_ref.at[subject, metric]), float(ref[metric])
-                if abs(a - b) > SAME_FRAMES_TOLERANCE and not (a != a and b != b):
+                # both undefined is a match; one undefined and not the other is not
+                differs = (a != a) != (b != b) or abs(a - b) > SAME_FRAMES_TOLERANCE
+                if differs:
                     raise ResultsMismatch(
                         f"variant {variant}, participant {subject}: {reference} {metric} is "
                         f"{b:.4f} in this run and {a:.4f} in the stored results, so the two "

@@ -171,3 +171,14 @@ def test_rows_read_off_a_stack_job_replace_the_variants_older_derived_rows_as_a_
     )
     assert "stack_retired_mode" not in set(kept["model"])  # no longer a derived row
     assert {"stack", "stack_centered", "edge_pcr"} <= set(kept["model"])
+
+
+def test_a_reference_metric_undefined_in_one_run_only_is_a_mismatch(tmp_path):
+    store = tmp_path / "store"
+    first = _run_folder(tmp_path / "a", "demo", ["edge_pcr", "convattn"])
+    metrics, timings = decoders.collect(first, ["demo"])
+    metrics.loc[metrics["model"] == "edge_pcr", "r_session"] = float("nan")
+    results.update(metrics, timings, "edge_pcr", store)
+    again = _run_folder(tmp_path / "b", "demo", ["edge_pcr", "stack"])
+    with pytest.raises(results.ResultsMismatch, match="edge_pcr r_session is 0.4000 in this run"):
+        results.update(*decoders.collect(again, ["demo"]), "edge_pcr", store)
