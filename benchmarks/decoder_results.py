@@ -35,7 +35,12 @@ METRICS = (
 # Δr(1 min) of a model minus the reference, and the paired hierarchical bootstrap p
 PAIRED = ("delta_r_1min", "p")
 METRIC_COLUMNS = ("variant", "subject", "model", *METRICS, *PAIRED)
-TIMING_COLUMNS = ("variant", "model", "wall_s", "cpu_s", "jobs", "where")
+TIMING_COLUMNS = ("variant", "model", "subjects", "wall_s", "cpu_s", "jobs", "where")
+# ``subjects`` of a timing row: the participants its loop ran (``+``-joined labels), or ALL.
+# A loop too long for one sitting runs as shards of participants (--subjects), each timed alone.
+ALL = "all"
+# a column added later: rows kept before it existed get this value
+LATER_COLUMNS = {"subjects": ALL}
 # Stored values may be rounded to 2 decimals (rows carried over from a rendered report), so the
 # reference check allows half a unit of the second decimal.
 SAME_FRAMES_TOLERANCE = 0.005 + 1e-9
@@ -48,7 +53,13 @@ class ResultsMismatch(ValueError):
 def _read(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame(columns=list(columns))
-    table = pd.read_csv(path, dtype={"variant": str, "subject": str, "model": str, "where": str})
+    table = pd.read_csv(
+        path,
+        dtype={"variant": str, "subject": str, "subjects": str, "model": str, "where": str},
+    )
+    for column, value in LATER_COLUMNS.items():
+        if column in columns and column not in table.columns:
+            table[column] = value
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing} (expected {list(columns)})")
@@ -146,6 +157,31 @@ def upsert(stored: pd.DataFrame, new: pd.DataFrame, keys: list[str]) -> pd.DataF
     return pd.concat([stored[~replaced], new], ignore_index=True)
 
 
+def covers_the_same_participants(a: str, b: str) -> bool:
+    """Whether two timing rows' ``subjects`` share a participant (ALL shares every one)."""
+    return ALL in (a, b) or bool(set(a.split("+")) & set(b.split("+")))
+
+
+def upsert_timings(stored: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``stored`` with every loop time that a new one re-measures replaced: same variant and
+    model, and a participant in common (a whole loop replaces its shards, a shard the whole
+    loop it re-ran part of, whose time no longer belongs to the rows shown)."""
+    if new.empty:
+        return stored
+    if stored.empty:
+        return new.reset_index(drop=True)
+    replaced = [
+        any(
+            covers_the_same_participants(str(old["subjects"]), str(n["subjects"]))
+            for _, n in new[
+                (new["variant"] == old["variant"]) & (new["model"] == old["model"])
+            ].iterrows()
+        )
+        for _, old in stored.iterrows()
+    ]
+    return pd.concat([stored[~pd.Series(replaced, index=stored.index)], new], ignore_index=True)
+
+
 def update(
     new_metrics: pd.DataFrame,
     new_timings: pd.DataFrame,
@@ -164,9 +200,9 @@ def update(
         if superseded is not None and not metrics.empty:
             metrics = metrics[~superseded(metrics).to_numpy(dtype=bool)]
         metrics = upsert(metrics, new_metrics, ["variant", "subject", "model"])
-        timings = upsert(timings, new_timings, ["variant", "model"])
+        timings = upsert_timings(timings, new_timings)
         metrics = metrics.sort_values(["variant", "subject", "model"], ignore_index=True)
-        timings = timings.sort_values(["variant", "model"], ignore_index=True)
+        timings = timings.sort_values(["variant", "model", "subjects"], ignore_index=True)
         write_csv_atomic(results / "metrics.csv", metrics, float_format="%.6g")
         write_csv_atomic(results / "timings.csv", timings, float_format="%.6g")
     finally:

@@ -14,6 +14,11 @@ early stopping of the deep models monitor ``val/r_1min`` (the binned validation 
     python -m benchmarks.decoders                       # all variants, all models
     python -m benchmarks.decoders --variants demo --models edge_pcr hybrid --n-boot 2000
     python -m benchmarks.decoders --report-only         # re-render (after editing STATUS)
+    # a loop too long for one sitting, as two shards side by side (one core each)
+    python -m benchmarks.decoders --variants var_both_long --models edge_pcr convattn_ft \
+        --subjects 01 --out outputs/decoders-01
+    python -m benchmarks.decoders --variants var_both_long --models edge_pcr convattn_ft \
+        --subjects 02 --out outputs/decoders-02
 
 The report is rendered from ``benchmarks/decoders_results/`` (metrics and timings kept in the
 repository, benchmarks/decoder_results.py): a run replaces the rows of the loops it ran and keeps
@@ -21,7 +26,8 @@ every other row, so a model added to one variant does not need every loop again.
 rows to a stored variant must include edge_pcr, whose rows must reproduce the stored ones (the
 proof that the pairs share frames). Finished jobs are skipped on a rerun (the loop resumes); the
 timing table's "jobs" column counts the jobs a timed loop actually trained, so a resumed loop's
-time is visibly partial.
+time is visibly partial. A shard's loops are timed and shown as such ("convattn_ft
+(participant 01)"); a later whole loop replaces its shards' times.
 """
 
 from __future__ import annotations
@@ -174,8 +180,17 @@ DEEP_OVERRIDES = (
 ROOT = Path(__file__).resolve().parent
 
 
-def run_loop(variant: str, model: str, out: Path, n_boot: int, extra: list[str]) -> dict:
-    """Run one model's within-subject loop on one variant; return wall/CPU seconds."""
+def run_loop(
+    variant: str,
+    model: str,
+    out: Path,
+    n_boot: int,
+    extra: list[str],
+    subjects: list[str] | None = None,
+) -> dict:
+    """Run one model's within-subject loop on one variant (``subjects``: only these
+    participants' folds, a shard of the loop); return its wall/CPU seconds."""
+    shard = () if subjects is None else (subjects_override(subjects),)
     cmd = [
         sys.executable,
         "-m",
@@ -197,6 +212,7 @@ def run_loop(variant: str, model: str, out: Path, n_boot: int, extra: list[str])
         "trainer.enable_progress_bar=false",
         "torch_threads=1",
         *DEEP_OVERRIDES,
+        *shard,
         # model.* overrides are meant for the deep models' configs (classical ones lack them)
         *(o for o in extra if model not in CLASSICAL or not o.startswith("model.")),
     ]
@@ -214,7 +230,18 @@ def run_loop(variant: str, model: str, out: Path, n_boot: int, extra: list[str])
         raise RuntimeError(f"{variant}/{model} failed (exit {proc.returncode}); see {log}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     n_jobs = len(list((out / variant).glob("*/*/metrics.json"))) - done_before
-    return {"wall_s": wall, "cpu_s": cpu, "jobs": n_jobs, "where": where_it_ran(extra)}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "jobs": n_jobs,
+        "where": where_it_ran(extra),
+        "subjects": results.ALL if subjects is None else "+".join(subjects),
+    }
+
+
+def subjects_override(subjects: list[str]) -> str:
+    """The Hydra override restricting a loop to ``subjects`` (quoted: labels stay strings)."""
+    return "study.subjects=[" + ",".join(f"'{s}'" for s in subjects) + "]"
 
 
 def where_it_ran(extra: list[str]) -> str:
@@ -554,7 +581,10 @@ NOTES = """## Notes
   other jobs shared the cores (upper bounds). The GPU loops (demo `convattn` and `convattn_ft`)
   shared the one H200 and the machine's 16 cores with each other and with a stack loop (its 48 s
   per fold there equalled this machine's; stopped after 7 of 16 folds when the lease ended, so
-  it has no row). `jobs` 0 = the loop resumed already finished jobs (no time measured).
+  it has no row). `jobs` 0 = the loop resumed already finished jobs (no time measured). A
+  model followed by participants, e.g. `convattn_ft (participant 01)`, is a shard of the loop
+  (`--subjects 01`): only those participants' folds, timed alone; the whole loop's time on one
+  core is the sum of its shards.
 """
 
 
@@ -574,6 +604,15 @@ def _fmt_p(p) -> str:
     except (TypeError, ValueError):
         return "–"
     return "< 0.001" if p == p and p < 0.0005 else _fmt(p, 3)
+
+
+def loop_name(timing: pd.Series) -> str:
+    """A timing row's model, and the participants its loop ran when it was a shard."""
+    subjects = str(timing.get("subjects", results.ALL))
+    if subjects in (results.ALL, "nan"):
+        return str(timing["model"])
+    labels = subjects.split("+")
+    return f"{timing['model']} (participant{'s' if len(labels) > 1 else ''} {', '.join(labels)})"
 
 
 def render(metrics: pd.DataFrame, timings: pd.DataFrame) -> str:
@@ -617,7 +656,7 @@ def render(metrics: pd.DataFrame, timings: pd.DataFrame) -> str:
         for _, t in timings[timings["variant"] == variant].sort_values("model").iterrows():
             where = t["where"] if isinstance(t["where"], str) and t["where"] else "–"
             lines.append(
-                f"| {t['model']} | {_fmt(t['wall_s'], 0)} | {_fmt(t['cpu_s'], 0)} | "
+                f"| {loop_name(t)} | {_fmt(t['wall_s'], 0)} | {_fmt(t['cpu_s'], 0)} | "
                 f"{_fmt(t['jobs'], 0)} | {where} |"
             )
         lines.append("")
@@ -636,7 +675,7 @@ def collect(out: Path, variants: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]
             continue
         metrics.append(results.metric_rows(variant, table, comparison, REFERENCE))
         for model, t in recorded.get(variant, {}).items():
-            timings.append({"variant": variant, "model": model, **t})
+            timings.append({"variant": variant, "model": model, "subjects": results.ALL, **t})
     metric_table = (
         pd.concat(metrics, ignore_index=True)
         if metrics
@@ -660,14 +699,24 @@ def main(argv: list[str] | None = None) -> int:
         help="where the report's numbers are kept (updated with this run's rows)",
     )
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--subjects",
+        nargs="+",
+        help="run only these participants' folds (a shard of each loop, timed as such); run "
+        "each shard with its own --out, and edge_pcr in every shard",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every loop")
     args = parser.parse_args(argv)
+    if args.subjects and any(o.startswith("study.subjects=") for o in args.overrides):
+        parser.error("give the participants once: --subjects or study.subjects=, not both")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         for variant in args.variants:
             for model in args.models:
                 timings = load_run_timings(args.out)
-                result = run_loop(variant, model, args.out, args.n_boot, args.overrides)
+                result = run_loop(
+                    variant, model, args.out, args.n_boot, args.overrides, args.subjects
+                )
                 timings.setdefault(variant, {})[model] = result
                 save_run_timings(args.out, timings)
                 print(f"{variant} {model}: {result}", flush=True)

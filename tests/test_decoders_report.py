@@ -182,3 +182,61 @@ def test_a_reference_metric_undefined_in_one_run_only_is_a_mismatch(tmp_path):
     again = _run_folder(tmp_path / "b", "demo", ["edge_pcr", "stack"])
     with pytest.raises(results.ResultsMismatch, match="edge_pcr r_session is 0.4000 in this run"):
         results.update(*decoders.collect(again, ["demo"]), "edge_pcr", store)
+
+
+def test_a_shard_of_participants_passes_its_labels_to_the_loop_as_strings(make_cfg):
+    override = decoders.subjects_override(["01", "02"])
+    cfg = make_cfg("experiment=within_subject", "data=demo", override)
+    assert list(cfg.study.subjects) == ["01", "02"]
+
+
+def test_shards_of_a_loop_keep_a_time_each_and_a_whole_loop_replaces_them(tmp_path):
+    store = tmp_path / "store"
+    whole = _run_folder(
+        tmp_path / "a",
+        "demo",
+        ["edge_pcr", "convattn"],
+        timings={"convattn": {"wall_s": 100.0, "cpu_s": 90.0, "jobs": 16, "where": "x"}},
+    )
+    results.update(*decoders.collect(whole, ["demo"]), "edge_pcr", store)
+    for subject, wall in (("01", 40.0), ("02", 50.0)):
+        shard = _run_folder(
+            tmp_path / f"shard{subject}",
+            "demo",
+            ["edge_pcr", "convattn"],
+            timings={
+                "convattn": {
+                    "wall_s": wall,
+                    "cpu_s": wall,
+                    "jobs": 8,
+                    "where": "x",
+                    "subjects": subject,
+                }
+            },
+        )
+        metrics, timings = results.update(*decoders.collect(shard, ["demo"]), "edge_pcr", store)
+    # the whole loop's time went with the first shard that re-ran part of it
+    assert list(timings["subjects"]) == ["01", "02"]
+    report = decoders.render(metrics, timings)
+    assert "| convattn (participant 01) | 40 | 40 | 8 | x |" in report
+    assert "| convattn (participant 02) | 50 | 50 | 8 | x |" in report
+    again = _run_folder(
+        tmp_path / "b",
+        "demo",
+        ["edge_pcr", "convattn"],
+        timings={"convattn": {"wall_s": 80.0, "cpu_s": 80.0, "jobs": 16, "where": "x"}},
+    )
+    _, timings = results.update(*decoders.collect(again, ["demo"]), "edge_pcr", store)
+    assert list(timings["subjects"]) == [results.ALL]
+
+
+def test_timings_kept_before_loops_could_be_sharded_read_as_whole_loops(tmp_path):
+    (tmp_path / "timings.csv").write_text(
+        "variant,model,wall_s,cpu_s,jobs,where\ndemo,ridge,1,1,16,x\n"
+    )
+    assert list(results.load_timings(tmp_path)["subjects"]) == [results.ALL]
+
+
+def test_participants_given_twice_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        decoders.main(["--subjects", "01", "--out", str(tmp_path), "study.subjects=[02]"])

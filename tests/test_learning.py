@@ -59,15 +59,21 @@ def held_out_tables(make_cfg, out_root, folds, *overrides: str) -> list[pd.DataF
     return tables
 
 
-def held_out_r_on_tiny_cofluct(make_cfg, data_dir, tmp_path, *overrides: str) -> tuple:
+def held_out_r_on_tiny_cofluct(
+    make_cfg, data_dir, tmp_path, *overrides: str, n_sessions: int | None = None
+) -> tuple:
     """(pooled r, chance bar) of a model trained by the job code on 3 leave-one-session-out
-    folds of participant 01 of ``tiny_cofluct`` (pain only in co-fluctuation)."""
+    folds of participant 01 of ``tiny_cofluct`` (pain only in co-fluctuation; ``n_sessions``
+    per participant instead of the preset's, for models that cut the training sessions)."""
     from hydra.utils import instantiate
 
     from painnet.data.simulate import simulate_dataset
 
-    simulate_dataset(data_dir / "sim-tiny_cofluct-seed0", "tiny_cofluct", 0)
     data = ("data=tiny", "data.simulate.preset=tiny_cofluct")
+    if n_sessions is None:
+        simulate_dataset(data_dir / "sim-tiny_cofluct-seed0", "tiny_cofluct", 0)
+    else:  # simulated into a folder of its own by the first job (the name carries the change)
+        data = (*data, f"+data.simulate.n_sessions={n_sessions}")
     tables = held_out_tables(make_cfg, tmp_path, range(3), *data, *overrides)
     cfg = make_cfg(*data, "split=cross_subject")
     dm = instantiate(cfg.data, split=cfg.split, _recursive_=False)

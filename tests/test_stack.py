@@ -409,11 +409,22 @@ def test_no_inner_view_holds_the_outer_test_session(make_cfg):
     assert covered == set(dm.split.train + dm.split.val)
 
 
-def test_too_many_inner_folds_for_the_sessions_is_an_error_naming_the_key(make_cfg):
+def test_too_few_sessions_to_cut_into_inner_folds_is_an_error_saying_how_many_are_needed(
+    make_cfg,
+):
     cfg = make_cfg("data=tiny", "split.fold=0", *FAST)  # 3 sessions: 2 to cut
     dm = build_datamodule(cfg)
-    with pytest.raises(ValueError, match="model.inner_folds"):
-        inner_views(dm, 3, 1, 0)
+    for n_folds in (2, 3):
+        with pytest.raises(ValueError, match=r"too few to stack on: .*\(3 sessions at least\)"):
+            inner_views(dm, n_folds, 1, 0)
+
+
+def test_inner_folds_that_leave_too_few_sessions_is_an_error_saying_to_raise_the_key(make_cfg):
+    cfg = make_cfg("data=tiny", "+data.simulate.n_sessions=4", "split.fold=0", *FAST)
+    dm = build_datamodule(cfg)  # 3 sessions to cut: 2 inner folds hold out 2 and 1
+    with pytest.raises(ValueError, match=r"raise model.inner_folds \(now 2, at most 3\)"):
+        inner_views(dm, 2, 1, 0)
+    assert len(inner_views(dm, 3, 1, 0)) == 3
 
 
 def test_a_stack_job_predicts_the_weighted_sum_of_its_members(make_cfg, tmp_path):
@@ -529,3 +540,24 @@ def test_inner_loso_naming_no_member_is_refused_before_fitting(make_cfg):
     cfg = make_cfg("data=tiny", "model=stack", "model.inner_loso=[edge_pcr,lasso]", *FAST)
     with pytest.raises(ValueError, match=r"model.inner_loso names \['lasso'\], which are not"):
         make_decoder(cfg, "s").validate()
+
+
+@pytest.mark.slow  # 3 stack jobs, each fitting 4 members on inner folds (~2 min)
+def test_the_default_stack_decodes_cofluctuation_only_pain_above_chance(
+    make_cfg, data_dir, tmp_path
+):
+    """The README's default decoder (``model=stack`` as configured) on simulated data with pain
+    only in co-fluctuation: the pooled held-out r over 3 LOSO folds of participant 01 beats a
+    chance bar calibrated from the ratings themselves (as tests/test_learning.py does)."""
+    from tests.test_learning import held_out_r_on_tiny_cofluct
+
+    r, bar = held_out_r_on_tiny_cofluct(
+        make_cfg,
+        data_dir,
+        tmp_path,
+        "model=stack",
+        "model.inner_folds=2",
+        "trainer.max_epochs=2",
+        n_sessions=5,  # a stack cuts the training sessions into inner folds: 3 are too few
+    )
+    assert r > bar, f"pooled held-out r {r:.2f} vs chance bar {bar:.2f}"

@@ -301,9 +301,19 @@ def inner_views(dm, n_folds: int, n_val: int, seed: int, label: str = "inner") -
     for k, group in enumerate(groups):
         rest = [s for s in sessions if s not in group]
         if len(rest) < n_val + 1:
+            # groups of one session leave the most to train on: past that, nothing helps
+            fewest = n_val + 2
+            if len(sessions) < fewest:
+                raise ValueError(
+                    f"split {outer.name}: {len(sessions)} training + validation session(s) "
+                    f"are too few to stack on: an inner fold holds one out and needs {n_val} to "
+                    f"validate on and one to train on ({fewest} sessions at least)"
+                )
             raise ValueError(
-                f"split {outer.name}: inner fold {k} leaves {len(rest)} session(s) to train on "
-                f"and {n_val} to validate on; lower model.inner_folds (now {n_folds})"
+                f"split {outer.name}: inner fold {k} holds out {len(group)} session(s) and "
+                f"leaves {len(rest)}, fewer than {n_val} to validate on and one to train on; "
+                f"raise model.inner_folds (now {n_folds}, at most {len(sessions)}) so that each "
+                "holds out fewer"
             )
         rng = np.random.default_rng([seed, k])
         val = [rest[i] for i in sorted(rng.choice(len(rest), size=n_val, replace=False))]
