@@ -78,6 +78,23 @@ def test_pretraining_never_reads_a_held_out_session_of_the_target(make_cfg, scop
         assert all(f.ratings is None for f, _ in chosen if f.key.task == "rest")
 
 
+def test_a_listed_task_the_dataset_lacks_is_skipped_with_one_warning_per_loop(
+    make_cfg, caplog, monkeypatch
+):
+    import painnet.pretrain.data as pretrain_data
+
+    monkeypatch.setattr(pretrain_data, "_WARNED_MISSING_TASKS", set())
+    cfg = make_cfg("data=tiny", "experiment=pretrain")  # tiny has no rest runs
+    sessions = dataset_sessions(cfg)
+    pretraining = [j for j in make_study(cfg).plan_all(cfg, sessions) if j.group == "pretrain"]
+    with caplog.at_level("WARNING", logger="painnet.pretrain.data"):
+        for job in pretraining[:2]:
+            dm = instantiate(job.cfg.data, split=job.cfg.split, _recursive_=False)
+            _, chosen = dm.pretrain_files()
+            assert {f.key.task for f, _ in chosen} == {"rating"}
+    assert len([r for r in caplog.records if "lists 'rest'" in r.getMessage()]) == 1
+
+
 def test_a_target_session_without_rating_runs_is_never_read():
     roles = PretrainSessions(
         "p", "01", train=(("01", "02"), ("02", "01")), val=(("02", "02"),), excluded=(("01", "01"),)

@@ -36,6 +36,8 @@ from painnet.data.targets import run_targets
 from painnet.data.types import RunData, RunFiles
 
 log = logging.getLogger(__name__)
+# (derivatives folder, task) pairs already warned about: a loop asks once per job and stage
+_WARNED_MISSING_TASKS: set[tuple[str, str]] = set()
 
 SCOPES = ("fold", "others")
 RUN_LIST = "pretrain_runs.tsv"
@@ -181,7 +183,9 @@ class PretrainDataModule(PainDataModule):
         deriv = self.root / self.discovery["derivatives"]
         if any(deriv.glob(f"sub-*/**/func/*_task-{task}_*")):
             return True
-        log.warning("finetune.pretrain.tasks lists %r but %s holds no such run", task, deriv)
+        if (str(deriv), task) not in _WARNED_MISSING_TASKS:
+            _WARNED_MISSING_TASKS.add((str(deriv), task))
+            log.warning("finetune.pretrain.tasks lists %r but %s holds no such run", task, deriv)
         return False
 
     def _discover_task(self, task: str) -> list[RunFiles]:
