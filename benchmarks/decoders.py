@@ -305,7 +305,25 @@ def variant_table(out: Path, variant: str) -> tuple[pd.DataFrame | None, pd.Data
 
 
 # Hand-written context of the measured tables (kept here so a regeneration keeps it).
-STATUS = """**Status (2026-11-30, eighth run): the stack measures its run level from the inner
+STATUS = """**Status (2026-11-30, ninth run): the single networks have rows on every variant
+but three; no model changed, and no default row moved.** `convattn` (from scratch) ran on the
+four newest variants (`--variants var_activation_slow var_activation_long var_both_lowact
+var_both_weak --models edge_pcr convattn`); `convattn_ft` (pretrained, then fine-tuned) on
+var_cofluct_slow, var_activation_slow, var_activation_long and var_both_weak (`--variants <v>
+--models edge_pcr convattn_ft`) and on var_both_lowact as two shards side by side
+(`--subjects 01 --out DIR1` and `--subjects 02 --out DIR2`, new in this run: each shard is
+timed and shown as such). The loops ran two at a time (their timings are upper bounds), and
+every edge_pcr loop reproduced the stored rows (the report refuses rows otherwise). Both
+networks stay below the bar on every cell but one: ConvAttn from scratch has pooled r(1 min)
+-0.65 to 0.28 on the fifteen variants besides demo
+(demo 0.12 / 0.05), run-level r below 0 on 29 of those 30 cells, below the bar on all 32; pretrained and fine-tuned, -0.52 to 0.33 on the twelve
+variants it now has besides demo (demo 0.28 / 0.13), run-level r below 0 on 23 of those 24
+cells, above the bar only on var_activation 01 (0.17 against ridge's 0.12). The default stays the stack. Still without
+`convattn_ft`: var_cofluct_wide, var_both_dense and var_both_long (at the 4.5 to 6 times the
+scratch loop's CPU time measured here, roughly 75, 155 and 220 CPU minutes, so about 40, 80 and
+110 minutes as two shards on the 2 cores; no GPU was lent).
+
+**Eighth run (2026-11-30): the stack measures its run level from the inner
 predictions' mean, and has none where no reader's run level correlates positively; the bar
 holds on all 32 cells of sixteen variants, the four fresh ones included.** Two changes
 (painnet/models/stacking.py; `model=stack` now has `run_level_origin: inner_mean` and
