@@ -315,11 +315,11 @@ var_cofluct_slow, var_activation_slow, var_activation_long and var_both_weak (`-
 timed and shown as such). The loops ran two at a time (their timings are upper bounds), and
 every edge_pcr loop reproduced the stored rows (the report refuses rows otherwise). Both
 networks stay below the bar on every cell but one: ConvAttn from scratch has pooled r(1 min)
--0.65 to 0.28 on the fifteen variants besides demo
-(demo 0.12 / 0.05), run-level r below 0 on 29 of those 30 cells, below the bar on all 32; pretrained and fine-tuned, -0.52 to 0.33 on the twelve
-variants it now has besides demo (demo 0.28 / 0.13), run-level r below 0 on 23 of those 24
-cells, above the bar only on var_activation 01 (0.17 against ridge's 0.12). The default stays the stack. Still without
-`convattn_ft`: var_cofluct_wide, var_both_dense and var_both_long (at the 4.5 to 6 times the
+-0.65 to 0.28 on the fifteen variants besides demo (demo 0.12 / 0.05), run-level r below 0 on
+29 of those 30 cells, below the bar on all 32; pretrained and fine-tuned, -0.52 to 0.33 on the
+twelve variants it now has besides demo (demo 0.28 / 0.13), run-level r below 0 on 23 of those
+24 cells, above the bar only on var_activation 01 (0.17 against ridge's 0.12). The default
+stays the stack. Still without `convattn_ft`: var_cofluct_wide, var_both_dense and var_both_long (at the 4.5 to 6 times the
 scratch loop's CPU time measured here, roughly 75, 155 and 220 CPU minutes, so about 40, 80 and
 110 minutes as two shards on the 2 cores; no GPU was lent).
 
